@@ -1,0 +1,179 @@
+"""Wan VAE: official key layout, normalisation, causality and tiling, on a tiny VAE with random weights.
+
+The tiny VAE has the real architecture (dim_mult [1, 2, 4, 4], 2 residual blocks, temporal downsampling
+[False, True, True], z_dim 16 as the DiT needs) with base_dim 8 instead of 96.
+"""
+
+import pytest
+import torch
+from diffusers import AutoencoderKLWan
+from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+
+from pipeline.models.vae import (
+    VAETiling,
+    WanVAE,
+    latent_frames,
+    vae_config_from_shapes,
+    vae_state_dict_from_official,
+    vae_state_dict_to_official,
+)
+
+TINY = {
+    "base_dim": 8,
+    "z_dim": 16,
+    "dim_mult": [1, 2, 4, 4],
+    "num_res_blocks": 2,
+    "temperal_downsample": [False, True, True],
+}
+
+# The per-channel latent statistics of the official WanVAE wrapper (Wan-Video/Wan2.1 wan/modules/vae.py).
+OFFICIAL_MEAN = [
+    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+]
+OFFICIAL_STD = [
+    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
+]
+
+
+@pytest.fixture(scope="module")
+def official() -> dict[str, torch.Tensor]:
+    """Seeded random weights of the tiny VAE, in the official key layout.
+
+    Not diffusers' init: its defaults leave activations small, and these weights (variance-preserving
+    convs, norm gains near 1) make the decoder overshoot [-1, 1] so the clamp is exercised.
+    """
+    with torch.device("meta"):
+        shapes = {name: t.shape for name, t in AutoencoderKLWan(**TINY).state_dict().items()}
+    gen = torch.Generator().manual_seed(0)
+    weights = {}
+    for name, shape in shapes.items():
+        noise = torch.randn(shape, generator=gen)
+        if name.endswith("gamma"):
+            weights[name] = 1 + 0.1 * noise
+        elif name.endswith("bias"):
+            weights[name] = 0.1 * noise
+        else:
+            weights[name] = noise / shape[1:].numel() ** 0.5
+    return vae_state_dict_to_official(weights)
+
+
+@pytest.fixture(scope="module")
+def video() -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1)
+    return torch.rand(1, 3, 9, 64, 64, generator=gen) * 2 - 1
+
+
+def test_latent_statistics_are_the_official_ones():
+    with torch.device("meta"):
+        config = AutoencoderKLWan(**TINY).config
+    assert config.latents_mean == OFFICIAL_MEAN
+    assert config.latents_std == OFFICIAL_STD
+
+
+def test_config_inferred_from_official_shapes(official):
+    assert vae_config_from_shapes({name: tuple(t.shape) for name, t in official.items()}) == TINY
+
+
+def test_official_layout_round_trip(official):
+    converted = vae_state_dict_from_official(official)
+    # Independent check of the naming: diffusers' own converter (written for this exact layout) agrees.
+    assert converted.keys() == convert_wan_vae_to_diffusers(official).keys()
+    with torch.device("meta"):
+        assert converted.keys() == AutoencoderKLWan(**TINY).state_dict().keys()
+    # Spot checks of official names, as in Wan2.1_VAE.pth.
+    for name in (
+        "conv1.weight",
+        "encoder.downsamples.5.time_conv.weight",
+        "decoder.upsamples.4.shortcut.weight",
+        "decoder.upsamples.11.resample.1.weight",
+        "decoder.middle.1.to_qkv.weight",
+    ):
+        assert name in official
+    back = vae_state_dict_to_official(converted)
+    assert back.keys() == official.keys()
+    assert all(back[name] is official[name] for name in official)  # renamed only, tensors untouched
+
+
+def test_unknown_and_missing_keys_are_named(official):
+    with pytest.raises(KeyError, match=r"encoder\.middle\.1\.extra\.weight"):
+        vae_state_dict_from_official({**official, "encoder.middle.1.extra.weight": torch.zeros(1)})
+    incomplete = {name: t for name, t in official.items() if name != "decoder.head.2.bias"}
+    with pytest.raises(KeyError, match=r"decoder\.head\.2\.bias"):
+        vae_state_dict_from_official(incomplete)
+
+
+@pytest.fixture(scope="module")
+def vae(official) -> WanVAE:
+    return WanVAE.from_official(official)
+
+
+@pytest.fixture(scope="module")
+def latents(vae, video) -> torch.Tensor:
+    return vae.encode(video)
+
+
+@pytest.fixture(scope="module")
+def decoded(vae, latents) -> torch.Tensor:
+    return vae.decode(latents)
+
+
+def test_shapes_and_clamp(vae, video, latents, decoded):
+    assert latents.shape == (1, 16, latent_frames(9), 8, 8) == (1, 16, 3, 8, 8)
+    assert latents.dtype == torch.float32
+    assert vae.encode(video[:, :, :1]).shape == (1, 16, 1, 8, 8)
+
+    assert decoded.shape == video.shape and decoded.dtype == torch.float32
+    assert decoded.abs().max() == 1.0  # the decoder overshoots with these weights: the clamp bites
+    assert vae.decode(latents[:, :, :1]).shape == (1, 3, 1, 64, 64)
+
+    with pytest.raises(ValueError, match=r"1 \+ 4k"):
+        vae.encode(video[:, :, :8])  # 8 frames would lose the last one to the causal chunking
+
+
+def test_normalisation_matches_the_formula(vae, video, latents, decoded):
+    """Against the raw AutoencoderKLWan with the per-channel formula applied here in float64."""
+    mean = torch.tensor(OFFICIAL_MEAN, dtype=torch.float64).view(1, 16, 1, 1, 1)
+    std = torch.tensor(OFFICIAL_STD, dtype=torch.float64).view(1, 16, 1, 1, 1)
+    with torch.no_grad():
+        mu = vae.module.encode(video).latent_dist.mean.double()
+        raw_decoded = vae.module.decode((latents.double() * std + mean).float()).sample.clamp(-1, 1)
+
+    # fp32 subtraction and division: a few ulp of |z| <= ~2.
+    torch.testing.assert_close(latents.double(), (mu - mean) / std, rtol=0, atol=1e-6)
+    # The de-normalised input differs by <= 1 ulp between fp32 and float64-then-rounded; the random
+    # decoder amplifies that (observed max 4.5e-6).
+    torch.testing.assert_close(decoded, raw_decoded, rtol=0, atol=1e-5)
+
+
+def test_a_video_prefix_encodes_to_the_latent_prefix(vae, video, latents):
+    """Causality the window loop relies on: latents of frames [0, 1 + 4k) do not see later frames."""
+    # The prefix runs the same ops on the same chunks, so the match is exact.
+    torch.testing.assert_close(vae.encode(video[:, :, :1]), latents[:, :, :1], rtol=0, atol=0)
+    torch.testing.assert_close(vae.encode(video[:, :, :5]), latents[:, :, :2], rtol=0, atol=0)
+
+
+def test_tiled_decode(official, latents, decoded):
+    # Tiles at least as large as the frame: diffusers does not tile at all, so the result is identical.
+    whole = WanVAE.from_official(official, tiling=VAETiling(64, 64, 48, 48))
+    torch.testing.assert_close(whole.decode(latents), decoded, rtol=0, atol=0)
+
+    # 32-pixel tiles (4 latents) at stride 16: 16 blended tiles. Random weights spread every latent over
+    # the whole tile, so the seams are far from invisible: observed relative L2 error 0.57 (max abs 2.0)
+    # for these weights, 0.45 with 48-pixel tiles at stride 32. The bound only says that the tiles land
+    # in the right places, not that tiling is accurate.
+    tiled = WanVAE.from_official(official, tiling=VAETiling(32, 32, 16, 16))
+    tiled_decoded = tiled.decode(latents)
+    assert tiled_decoded.shape == decoded.shape and tiled_decoded.abs().max() <= 1.0
+    relative = ((tiled_decoded - decoded).norm() / decoded.norm()).item()
+    assert 0 < relative < 0.8
+
+
+def test_bf16_module_keeps_fp32_normalisation(official, video, latents):
+    vae16 = WanVAE.from_official(official, dtype=torch.bfloat16)
+    latents16 = vae16.encode(video)  # fp32 video in, cast to the module's dtype inside
+    assert latents16.dtype == torch.float32
+    # bf16 keeps 8 mantissa bits: observed relative L2 error 1e-2 against fp32.
+    assert ((latents16 - latents).norm() / latents.norm()).item() < 0.05
+    assert vae16.decode(latents16).dtype == torch.float32
