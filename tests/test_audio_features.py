@@ -19,9 +19,9 @@ from pipeline.models.audio import (
     SAMPLE_RATE,
     AudioEncoder,
     loudness_normalize,
-    video_frame_count,
     write_tiny_wav2vec2,
 )
+from pipeline.windows import frames_for_duration
 
 NUM_LAYERS, HIDDEN = 3, 32
 
@@ -62,13 +62,13 @@ def encoder64(tiny_dir):
     "duration_s, frames", [(0.5, 13), (1.0, 25), (4.68, 117), (4.7, 118), (2.345, 59), (0.04, 1), (0.041, 2)]
 )
 def test_video_frame_count(duration_s, frames):
-    assert video_frame_count(duration_s) == frames
+    assert frames_for_duration(duration_s) == frames
 
 
 def test_video_frame_count_is_exact_for_sample_counts():
     # Every sample count up to 20 s: the float path agrees with integer ceil(n * 25 / 16000).
     for n in range(1, 20 * SAMPLE_RATE):
-        assert video_frame_count(n / SAMPLE_RATE) == -(-n * 25 // SAMPLE_RATE), n
+        assert frames_for_duration(n / SAMPLE_RATE) == -(-n * 25 // SAMPLE_RATE), n
 
 
 # ------------------------------------------------------------------------------------------------ features
@@ -77,7 +77,7 @@ def test_video_frame_count_is_exact_for_sample_counts():
 @pytest.mark.parametrize("duration_s", [0.5, 1.0, 4.68, 4.7, 2.345])
 def test_features_shape(encoder, duration_s):
     samples = torch.from_numpy(speech_like(duration_s))
-    frames = video_frame_count(samples.shape[0] / SAMPLE_RATE)
+    frames = frames_for_duration(samples.shape[0] / SAMPLE_RATE)
     out = encoder.features(samples, frames)
     assert out.shape == (frames, NUM_LAYERS, HIDDEN)
     assert out.dtype == torch.float32
@@ -146,7 +146,7 @@ def test_input_standardisation_follows_preprocessor_config(tiny_dir, encoder, en
     config_path = normalizing_dir / "preprocessor_config.json"
     config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "do_normalize": True}))
     standardised = Wav2Vec2FeatureExtractor.from_pretrained(normalizing_dir)(samples, sampling_rate=SAMPLE_RATE)
-    frames = video_frame_count(1.0)
+    frames = frames_for_duration(1.0)
     expected = encoder64.features(torch.from_numpy(standardised.input_values[0]), frames)
     normalizing = AudioEncoder(normalizing_dir)
     normalizing.model.double()

@@ -10,7 +10,6 @@ extractor is resampled to the 25 fps video rate *before* the feature projection 
 transformer runs directly on video frames, and the outputs of all its layers are kept.
 """
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,6 @@ import torch.nn.functional as F
 from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
 SAMPLE_RATE = 16_000
-VIDEO_FPS = 25
 
 # ITU-R BS.1770 measures loudness over 400 ms gating blocks; pyloudnorm refuses shorter input.
 _BS1770_BLOCK_S = 0.4
@@ -50,17 +48,6 @@ def loudness_normalize(samples: np.ndarray, sample_rate: int, target_lufs: float
     return pyloudnorm.normalize.loudness(samples, loudness, target_lufs).astype(samples.dtype, copy=False)
 
 
-def video_frame_count(duration_s: float, fps: int = VIDEO_FPS) -> int:
-    """Number of video frames that cover `duration_s` of audio: ceil(duration * fps).
-
-    The official code uses int(duration * 25), i.e. floor: up to one frame (40 ms) of speech at the end has
-    no frame. This project covers all the speech; the finished video is trimmed to the audio length.
-    The product is rounded to 1e-6 frame first because a duration derived from a sample count is inexact in
-    binary (4480 / 16000 * 25 = 7.000000000000001), and a plain ceil would add a spurious frame.
-    """
-    return math.ceil(round(duration_s * fps, 6))
-
-
 class AudioEncoder:
     """wav2vec2 loaded from a Hugging Face directory, run the InfiniteTalk way (see `features`)."""
 
@@ -85,7 +72,7 @@ class AudioEncoder:
         """Per-video-frame speech features [num_frames, num_layers, hidden], in the model's dtype and device.
 
         samples_16k: mono samples [S] at 16 kHz, loudness-normalised. num_frames: video frames at 25 fps,
-        normally video_frame_count(S / 16000). The whole clip is encoded in one pass, as in the official
+        normally frames_for_duration(S / 16000) (pipeline.windows). The whole clip is encoded in one pass, as in the official
         code: the transformer's attention spans the whole clip, so encoding in pieces would change the result.
         """
         if samples_16k.ndim != 1:
