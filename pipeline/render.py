@@ -12,7 +12,7 @@ window index), so a job resumed at window k produces the same frames as an unint
 """
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -217,17 +217,16 @@ class WindowRenderer:
         return self.vae.decode(x)[0].transpose(0, 1)  # [T, 3, H, W]
 
 
-def render_job(
+def render_windows(
     models: Models,
     job: Job,
     inputs: JobInputs,
     settings: RenderSettings,
     workdir: str | Path,
     state: ResumeState | None = None,
-    on_window: Callable[[WindowReport], None] | None = None,
-) -> ResumeState:
-    """Render the job's windows from `state.next_window` on; each window's kept frames become a
-    segment file in `workdir`. Returns the final state (its segments are the whole video)."""
+) -> Iterator[WindowReport]:
+    """Render the job's windows from `state.next_window` on, yielding a report after each; each
+    window's kept frames become a segment file in `workdir`."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     plan = plan_for(inputs.num_frames, settings)
@@ -249,8 +248,24 @@ def render_job(
             motion = models.vae.encode(frames[-settings.motion :].transpose(0, 1)[None])[0].cpu()
         state = ResumeState(window.index + 1, motion, [*state.segments, str(segment)])
         log.info("job %s: window %d/%d done (%d new frames)", job.id, window.index + 1, len(plan), len(keep))
+        yield WindowReport(window, len(plan), renderer.sampler.timesteps, frames, state)
+
+
+def render_job(
+    models: Models,
+    job: Job,
+    inputs: JobInputs,
+    settings: RenderSettings,
+    workdir: str | Path,
+    state: ResumeState | None = None,
+    on_window: Callable[[WindowReport], None] | None = None,
+) -> ResumeState:
+    """`render_windows` to the end; returns the final state (its segments are the whole video)."""
+    state = state or ResumeState()
+    for report in render_windows(models, job, inputs, settings, workdir, state):
+        state = report.state
         if on_window is not None:
-            on_window(WindowReport(window, len(plan), renderer.sampler.timesteps, frames, state))
+            on_window(report)
     return state
 
 

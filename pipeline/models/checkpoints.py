@@ -25,6 +25,7 @@ from safetensors import safe_open
 
 from transformers import CLIPVisionModel, UMT5EncoderModel
 
+from pipeline.kernels import fp8
 from pipeline.models.audio import AudioEncoder
 from pipeline.models.clip import CLIPImageEncoder, clip_tensors_from_official, clip_vision_config_from_shapes
 from pipeline.models.dit import DiTConfig, WanInfiniteTalkDiT, keeps_fp32
@@ -311,9 +312,13 @@ def dit_config(config_json: Path | None, shapes: dict[str, tuple[int, ...]]) -> 
     )
 
 
-def dit_tensors(paths: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor, Path]]:
+def dit_tensors(
+    paths: Iterable[Path], keep_fp8: Callable[[str], bool] = lambda name: False
+) -> Iterator[tuple[str, torch.Tensor, Path]]:
     """(original name, tensor, file) for every weight, one file open at a time. fp8 weights are
-    de-quantised with their scale (scalar or per output channel)."""
+    de-quantised with their scale (scalar or per output channel), except e4m3 weights whose name
+    `keep_fp8` accepts: those come as stored, each followed by its `<layer>.scale_weight` (ones if the
+    file has none)."""
     for path in paths:
         file = TensorFile(path)
         names = {original_name(k): k for k in file.keys()}
@@ -322,8 +327,12 @@ def dit_tensors(paths: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor, Path
                 continue
             tensor = file.get(key)
             if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-                scale_key = names.get(name.removesuffix(".weight") + FP8_SCALE)
-                scale = file.get(scale_key).float() if scale_key else torch.ones(())
+                scale_name = name.removesuffix(".weight") + FP8_SCALE
+                scale = file.get(names[scale_name]).float() if scale_name in names else torch.ones(())
+                if tensor.dtype == torch.float8_e4m3fn and keep_fp8(name):
+                    yield name, tensor, path
+                    yield scale_name, scale, path
+                    continue
                 scale = scale.reshape(-1, *[1] * (tensor.dim() - 1)) if scale.numel() > 1 else scale
                 tensor = tensor.float() * scale
             yield name, tensor, path
@@ -336,8 +345,13 @@ def load_dit(
     config_json: Path | None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.bfloat16,
+    quant: str | None = None,
 ) -> WanInfiniteTalkDiT:
-    """The DiT from its shards (or a single file) plus the InfiniteTalk audio file, strictly."""
+    """The DiT from its shards (or a single file) plus the InfiniteTalk audio file, strictly.
+
+    quant ('fp8', 'fp8_weights'; see pipeline.kernels.fp8): the blocks' linear layers are built as fp8
+    layers first; e4m3 weights of a pre-quantised file load into them as stored, other weights are
+    quantised on `device` one tensor at a time."""
     started = time.perf_counter()
     shapes = dit_shapes(dit_files, "DiT", DIT_SLOT)
     audio_files = [] if audio_file is None else [audio_file]
@@ -346,7 +360,17 @@ def load_dit(
     with torch.device("meta"):
         model = WanInfiniteTalkDiT(cfg)
     files = [*dit_files, *audio_files]
-    load_into(model, dit_tensors(files), device, lambda n: torch.float32 if keeps_fp32(n) else dtype, "the DiT")
+
+    def dtype_of(name: str) -> torch.dtype:
+        return torch.float32 if keeps_fp32(name) else dtype
+
+    if quant is None:
+        tensors = dit_tensors(files)
+    else:
+        layers = fp8.apply_fp8(model, quant, device)
+        tensors = fp8.quantised_tensors(dit_tensors(files, fp8.keeps_fp8(layers)), layers, device)
+        dtype_of = fp8.fp8_dtype_of(dtype_of, layers)
+    load_into(model, tensors, device, dtype_of, "the DiT")
     log_loaded("DiT", files, device, model.eval(), started)
     return model
 
@@ -502,15 +526,16 @@ def load_models(
     device: torch.device | str = "cpu",
     components: Iterable[str] = Models.COMPONENTS,
     vae_tiling: VAETiling | None = None,
+    dit_quant: str | None = None,
 ) -> Models:
-    """Load the requested components from `paths` onto `device`."""
+    """Load the requested components from `paths` onto `device`; `dit_quant` as `load_dit`'s `quant`."""
     components = list(components)
     unknown = set(components) - set(Models.COMPONENTS)
     if unknown:
         raise ValueError(f"unknown components {sorted(unknown)}; known: {list(Models.COMPONENTS)}")
     dtype = {f.name: parse_dtype(getattr(precision, f.name), f.name) for f in fields(precision)}
     loaders = {
-        "dit": lambda: load_dit(paths.dit_files(), paths.infinitetalk, paths.dit_config(), device, dtype["dit"]),
+        "dit": lambda: load_dit(paths.dit_files(), paths.infinitetalk, paths.dit_config(), device, dtype["dit"], dit_quant),
         "vae": lambda: load_vae(paths.vae(), device, dtype["vae"], vae_tiling),
         "t5": lambda: load_t5(paths.t5(), paths.wan_dir / WAN_T5_TOKENIZER, device, dtype["t5"]),
         "clip": lambda: load_clip(paths.clip(), device, dtype["clip"]),

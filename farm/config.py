@@ -1,0 +1,340 @@
+"""A run's configuration: the schema of conf/, the checks on its values, and the plain pipeline
+dataclasses it turns into.
+
+The dataclasses below are the schema (names, types, what a value means); the values live once, in
+conf/*.yaml. They are registered in Hydra's ConfigStore and conf/config.yaml composes on top of them,
+so the composed config is in OmegaConf's struct mode: an unknown key or a wrong type fails while
+composing, naming the key. `validate` then checks the values (ranges, names the pipeline knows) with
+the pipeline's own validators, and the converters hand the driver the pipeline's dataclasses
+(RenderSettings, CheckpointPaths, Precision), which is all an actor ever sees of the config.
+"""
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, fields, is_dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+from urllib.parse import urlsplit
+
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from pipeline.color import METHODS
+from pipeline.job import RenderSettings
+from pipeline.kernels.attention import BACKENDS as ATTENTION_BACKENDS
+from pipeline.kernels.attention import get_attention
+from pipeline.kernels import fp8
+from pipeline.media import choose_size
+from pipeline.models.checkpoints import CheckpointPaths, Precision, parse_dtype
+from pipeline.models.tiny import write_tiny_checkpoints
+from pipeline.sampler import SCHEDULERS, flow_sigmas
+from pipeline.windows import plan_windows
+
+DEVICES = ("auto", "cuda", "cpu")
+QUANT_MODES = ("none", *fp8.MODES)  # the options of conf/quant/
+CLUSTER_MODES = ("local", "address")
+CRF_RANGE = (0, 51)  # libx264 with 8-bit output
+
+
+class ConfigError(ValueError):
+    """A config value that cannot run; the message is one line that starts with the key."""
+
+
+# ---------------------------------------------------------------------------------------------- schema
+# Fields have no defaults on purpose: OmegaConf reads that as "must be set", so a YAML file that forgets
+# a key fails at start-up instead of running with a second, silent default.
+
+
+@dataclass
+class PrecisionConfig:
+    """Base dtype of each component: bf16, fp16 or fp32."""
+
+    dit: str
+    t5: str
+    clip: str
+    vae: str
+
+
+@dataclass
+class ModelConfig:
+    """What every model= option has."""
+
+    device: str  # auto (cuda where the cluster has GPUs, else cpu), cuda or cpu
+    precision: PrecisionConfig
+
+
+@dataclass
+class TinyModel(ModelConfig):
+    """model=tiny: the real architecture at toy size, written on first use."""
+
+    dir: str  # where it is written; `~` is the home directory of the machine that writes it
+
+
+@dataclass
+class InfiniteTalk14B(ModelConfig):
+    """model=infinitetalk_14b: the official checkpoints, each path overridable."""
+
+    weights: str  # the root the three paths below default to
+    wan_dir: str  # Wan2.1-I2V-14B-480P/: DiT shards, config.json, T5, CLIP, VAE, tokenizer
+    infinitetalk: str  # InfiniteTalk/single/infinitetalk.safetensors: the audio modules
+    wav2vec_dir: str  # chinese-wav2vec2-base/
+    dit_file: str | None  # ComfyUI-style single files standing in for the one in wan_dir
+    t5_file: str | None
+    clip_file: str | None
+    vae_file: str | None
+
+
+@dataclass
+class QuantConfig:
+    mode: str  # one of QUANT_MODES
+
+
+@dataclass
+class AttentionConfig:
+    backend: str  # a backend of pipeline.kernels.attention
+
+
+@dataclass
+class SamplerConfig:
+    scheduler: str  # pipeline.sampler.SCHEDULERS
+    steps: int  # DiT evaluations per window (times the guidance passes)
+    shift: float  # Wan's timestep shift: 7 at 480p, 11 at 720p
+    text_scale: float  # 1 drops the negative-prompt pass
+    audio_scale: float  # 1 (with text_scale 1) drops the silent-audio pass
+    apg: bool  # adaptive projected guidance
+    batched_guidance: bool  # the guidance passes as one batched forward: faster, more memory
+
+
+@dataclass
+class WindowConfig:
+    frames: int  # per window, 4n+1
+    motion: int  # frames carried over from the previous window, 4k+1, fewer than `frames`
+
+
+@dataclass
+class ClusterConfig:
+    mode: str  # local: an in-process Ray; address: join the Ray cluster at `address`
+    address: str | None  # cluster=address only
+    renderers: int | None  # DiT+VAE actors; null: one per GPU, 2 without GPUs
+    encoders: int  # T5/CLIP/wav2vec2 actors
+    max_retries: int  # per job, after failures a retry can help
+    actor_failure_limit: int  # failures in a row before a renderer is replaced
+    max_in_flight: int | None  # jobs encoded or rendering at once; null: 2 per renderer
+
+
+@dataclass
+class StorageConfig:
+    root: str | None  # local path or fsspec URL; null: see run_root
+
+
+@dataclass
+class JobConfig:
+    """One job from the command line, with the fields of a manifest row."""
+
+    id: str | None
+    image: str | None
+    video: str | None
+    audio: str | None
+    audio_2: str | None  # the second speaker
+    audio_type: str  # two speakers: para or add
+    # Two speakers: [left, top, right, bottom] each, in source pixels. The numbers are checked with the
+    # job (OmegaConf cannot type a nested list of floats that also takes ints).
+    boxes: list[list[Any]] | None
+    prompt: str
+    negative_prompt: str | None
+    seed: int
+    output: str | None
+
+
+@dataclass
+class OutputConfig:
+    size: str  # a bucket name of pipeline.media.BUCKETS or WIDTHxHEIGHT
+    color_match: str  # pipeline.color.METHODS
+    color_strength: float  # 0 off, 1 fully matched
+    crf: int  # H.264 quality, CRF_RANGE
+
+
+@dataclass
+class Config:
+    """The whole run: conf/config.yaml with one option of each group."""
+
+    manifest: str | None  # a batch: path or fsspec URL; or else job.audio
+    job: JobConfig
+    output: OutputConfig
+    model: ModelConfig  # a TinyModel or an InfiniteTalk14B, by the model= choice
+    quant: QuantConfig
+    attention: AttentionConfig
+    sampler: SamplerConfig
+    window: WindowConfig
+    cluster: ClusterConfig
+    storage: StorageConfig
+
+
+# conf/config.yaml starts from "talkfarm"; each model/*.yaml starts from its own schema. Stored outside
+# the config groups, so that `--help` and `model=...` list only the YAML options.
+_store = ConfigStore.instance()
+_store.store(name="talkfarm", node=Config)
+_store.store(name="tiny_model", node=TinyModel)
+_store.store(name="infinitetalk_14b_model", node=InfiniteTalk14B)
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError naming the first key whose value cannot run. Reads no file, loads nothing."""
+    try:  # every value set, every interpolation resolvable
+        OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{exc.full_key}: {exc.msg.splitlines()[0]}") from None
+    _check_keys(cfg)
+
+    if bool(cfg.manifest) == bool(cfg.job.audio):
+        raise ConfigError(
+            "manifest, job.audio: give exactly one, manifest=<path or URL> for a batch or "
+            "job.audio=<file> (with job.image or job.video) for one job"
+        )
+
+    cluster = cfg.cluster
+    _one_of("cluster.mode", cluster.mode, CLUSTER_MODES)
+    if (cluster.mode == "address") != (cluster.address is not None):
+        raise ConfigError(
+            f"cluster.address: {cluster.address!r} with cluster.mode={cluster.mode}; an address is "
+            "given with cluster=address (auto: the cluster this process runs in) and only then"
+        )
+    for key, minimum in [
+        ("renderers", 1), ("encoders", 1), ("max_retries", 0), ("actor_failure_limit", 1), ("max_in_flight", 1),
+    ]:
+        if cluster[key] is not None and cluster[key] < minimum:
+            raise ConfigError(f"cluster.{key}: {cluster[key]} is less than {minimum}")
+
+    model = cfg.model
+    _one_of("model.device", model.device, DEVICES)
+    for component in ("dit", "t5", "clip", "vae"):
+        with _naming(f"model.precision.{component}"):
+            parse_dtype(model.precision[component], component)
+    _one_of("quant.mode", cfg.quant.mode, QUANT_MODES)
+    # Actors check their device's kernels again when they load. With cluster=local their device is
+    # this machine's, so check it now; a cluster's driver may have no GPU, so there only names.
+    if cluster.mode == "local":
+        if model.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("model.device: cuda, but this machine has no CUDA GPU (cluster=local)")
+        with _naming("attention.backend"):
+            get_attention(cfg.attention.backend, None if model.device == "auto" else model.device)
+        if cfg.quant.mode != "none":
+            with _naming("quant.mode"):
+                fp8.check_mode(cfg.quant.mode, "cuda" if model.device != "cpu" and torch.cuda.is_available() else "cpu")
+    else:
+        _one_of("attention.backend", cfg.attention.backend, [*ATTENTION_BACKENDS, "auto"])
+
+    # The pipeline checks a field in the company of others; vary one field at a time, the rest fixed
+    # at values that always pass, so that an error names the field it is about.
+    sampler = cfg.sampler
+    _one_of("sampler.scheduler", sampler.scheduler, SCHEDULERS)
+    with _naming("sampler.steps"):
+        flow_sigmas(sampler.scheduler, sampler.steps, shift=1.0)
+    with _naming("sampler.shift"):
+        flow_sigmas(sampler.scheduler, sampler.steps, sampler.shift)
+    with _naming("window.frames"):
+        plan_windows(1, cfg.window.frames, motion=1)
+    with _naming("window.motion"):
+        plan_windows(1, cfg.window.frames, cfg.window.motion)
+
+    output = cfg.output
+    with _naming("output.size"):
+        choose_size(1, 1, output.size)  # any source size: this checks the target
+    _one_of("output.color_match", output.color_match, METHODS)
+    low, high = CRF_RANGE
+    if not low <= output.crf <= high:
+        raise ConfigError(f"output.crf: {output.crf} is not in [{low}, {high}]")
+
+
+def _check_keys(node: DictConfig, prefix: str = "") -> None:
+    """Hydra lets `+key=value` add a key that the schema lacks (it opens struct mode to append);
+    refuse it here as struct mode refuses `key=value`."""
+    schema = OmegaConf.get_type(node)
+    known = [f.name for f in fields(schema)]
+    for key in node:
+        if key not in known:
+            raise ConfigError(f"{prefix}{key}: not a key of {schema.__name__} (known: {', '.join(known)})")
+        child = node[key]
+        if isinstance(child, DictConfig) and is_dataclass(OmegaConf.get_type(child)):
+            _check_keys(child, f"{prefix}{key}.")
+
+
+def _one_of(key: str, value, known) -> None:
+    if value not in known:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(known)}")
+
+
+@contextlib.contextmanager
+def _naming(key: str) -> Iterator[None]:
+    """Turn a pipeline validator's ValueError into a ConfigError that starts with the key."""
+    try:
+        yield
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+
+
+# ---------------------------------------------------------------------------------------------- converters
+
+
+def render_settings(cfg: DictConfig) -> RenderSettings:
+    sampler, window, output = cfg.sampler, cfg.window, cfg.output
+    return RenderSettings(
+        window=window.frames,
+        motion=window.motion,
+        scheduler=sampler.scheduler,
+        steps=sampler.steps,
+        shift=sampler.shift,
+        text_scale=sampler.text_scale,
+        audio_scale=sampler.audio_scale,
+        apg=sampler.apg,
+        batched_guidance=sampler.batched_guidance,
+        color_match=output.color_match,
+        color_strength=output.color_strength,
+        size=output.size,
+        crf=output.crf,
+    )
+
+
+def checkpoint_paths(cfg: DictConfig) -> CheckpointPaths:
+    """Where the weights are. model=tiny writes the tiny set first if it is not there yet."""
+    model = cfg.model
+    if issubclass(OmegaConf.get_type(model), TinyModel):
+        return write_tiny_checkpoints(_local(model.dir))
+    return CheckpointPaths(
+        wan_dir=_local(model.wan_dir),
+        infinitetalk=_local(model.infinitetalk),
+        wav2vec_dir=_local(model.wav2vec_dir),
+        dit_file=_local(model.dit_file),
+        t5_file=_local(model.t5_file),
+        clip_file=_local(model.clip_file),
+        vae_file=_local(model.vae_file),
+    )
+
+
+def precision(cfg: DictConfig) -> Precision:
+    p = cfg.model.precision
+    return Precision(dit=p.dit, t5=p.t5, clip=p.clip, vae=p.vae)
+
+
+def run_root(cfg: DictConfig) -> str:
+    """storage.root, or runs/<manifest file stem> (one job: runs/<job.id or the audio file's stem>).
+    Local paths come back absolute: actors need not share the driver's working directory."""
+    root = cfg.storage.root
+    if not root:
+        name = _stem(cfg.manifest) if cfg.manifest else (cfg.job.id or _stem(cfg.job.audio))
+        root = os.path.join("runs", name)
+    return root if "://" in root else os.path.abspath(os.path.expanduser(root))
+
+
+def _stem(path_or_url: str) -> str:
+    return PurePosixPath(urlsplit(path_or_url).path).stem
+
+
+def _local(path: str | None) -> Path | None:
+    return None if path is None else Path(path).expanduser()

@@ -1,0 +1,475 @@
+"""Read a manifest of jobs and check every row before anything is scheduled.
+
+A manifest is JSONL, CSV or Parquet (chosen by its suffix: .jsonl, .csv, .parquet), a local path or an
+fsspec URL (s3://..., gs://..., memory://...). One row per job:
+
+    id                 required, unique; names the job's state folder, so it must be a plain file name
+    image | video      exactly one: a face image, or a video to dub
+    audio              the speech (audio_1 is another name for it) ...
+    audio_2            ... and a second speaker's, for two speakers, with
+      audio_type       "para" (they talk at once, the default) or "add" (speaker 1, then speaker 2)
+      boxes            optional: each speaker's region [left, top, right, bottom] in source pixels, as
+                       [[...], [...]]; a list in JSONL/Parquet, the same JSON as text in CSV
+    prompt, negative_prompt, seed (default 0)
+    output             plain file name in the run's output folder, ending in .mp4 (default <id>.mp4)
+    steps, scheduler, shift, text_scale, audio_scale, color_match, color_strength
+                       per-row overrides of the run's RenderSettings; no other setting can be overridden
+
+Rules, the same in every format:
+- An empty value (missing key, null, NaN, empty string, empty CSV cell) means "not given".
+- An unknown column fails the rows that give it a value, with a reason naming it: the farm must not
+  silently ignore a setting (a misspelt "stpes" would otherwise render with the default steps), while
+  rows that leave it empty, e.g. in a CSV where only some rows use it, still run.
+- Media paths are fsspec URLs (used as given; file:// ones become plain paths), absolute local paths, or
+  relative to the manifest's folder, also when the manifest is at a URL (s3://b/jobs/m.csv + face.png
+  -> s3://b/jobs/face.png).
+- Local media are probed with ffmpeg (pipeline.media.probe): audio must have an audio stream, an image
+  or video a picture, boxes must lie inside it. Remote media are only checked to exist: probing them
+  would mean downloading every input before the first job starts; the renderer's own reads catch the rest.
+- A row's `row` is its 1-based position among the manifest's rows (JSONL: blank lines are not rows).
+
+A bad row becomes a RowError with every problem found in it, joined in one line; the good rows run.
+A manifest that cannot be read at all raises ManifestError.
+"""
+
+import dataclasses
+import difflib
+import io
+import json
+import math
+import os
+import posixpath
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from urllib.parse import urlsplit
+
+import fsspec
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+
+from pipeline import media
+from pipeline.color import METHODS
+from pipeline.job import Box, Job, JobError, RenderSettings
+from pipeline.sampler import flow_sigmas
+
+
+class ManifestError(ValueError):
+    """The manifest itself cannot be read: `<location>: <problem>`."""
+
+    def __init__(self, location: str, problem: str):
+        super().__init__(f"{location}: {problem}")
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    row: int  # 1-based position in the manifest
+    job: Job
+    output: str  # file name in the run's output folder
+    overrides: dict  # the RenderSettings fields this row changes
+
+
+@dataclass(frozen=True)
+class RowError:
+    row: int
+    id: str | None  # None when the row has no usable id
+    reason: str  # one line: every problem in the row, each naming its column
+
+
+def read_manifest(location: str, base: RenderSettings) -> tuple[list[ManifestRow], list[RowError]]:
+    """The jobs of a manifest and the rows that cannot run. `base` is the run's settings: the overrides are
+    checked in combination with them (scheduler=flowmatch_distill needs steps=4, from the row or the run)."""
+    return _check_rows(_read_records(location), _directory(location), base)
+
+
+def single_job(fields: dict, base_dir: str, base: RenderSettings) -> tuple[list[ManifestRow], list[RowError]]:
+    """One job given as manifest columns (e.g. on the command line), relative paths against `base_dir`:
+    checked exactly as a one-row manifest. Without an id it is named after its audio file's stem, as
+    farm.config.run_root names its run."""
+    audio = fields.get("audio") or fields.get("audio_1")
+    if _empty(fields.get("id")) and isinstance(audio, str):
+        fields = {**fields, "id": PurePosixPath(urlsplit(audio).path).stem}
+    return _check_rows([fields], base_dir, base)
+
+
+def settings_for(row: ManifestRow, base: RenderSettings) -> RenderSettings:
+    """The settings `row` renders with: `base` (the one its manifest was checked against) plus its overrides."""
+    return dataclasses.replace(base, **row.overrides)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Reading the file
+# --------------------------------------------------------------------------------------------------------
+
+
+def _read_records(location: str) -> list[dict]:
+    readers = {".jsonl": _jsonl_records, ".csv": _csv_records, ".parquet": _parquet_records}
+    suffix = posixpath.splitext(location)[1].lower()
+    if suffix not in readers:
+        raise ManifestError(location, f"unknown manifest format {suffix or '(no suffix)'!r}; "
+                                      f"use {', '.join(readers)}")
+    try:
+        with fsspec.open(location, "rb") as file:
+            data = file.read()
+    except FileNotFoundError:
+        raise ManifestError(location, "no such file") from None
+    except (OSError, ImportError, ValueError) as e:  # a directory, a missing fsspec backend, a bad URL
+        raise ManifestError(location, f"cannot read it ({e})") from None
+    return readers[suffix](data, location)
+
+
+def _jsonl_records(data: bytes, location: str) -> list[dict]:
+    try:
+        text = data.decode("utf-8-sig")  # some Windows editors start the file with a byte-order mark
+    except UnicodeDecodeError as e:
+        raise ManifestError(location, f"not UTF-8 text ({e})") from None
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ManifestError(location, f"line {number}: not valid JSON ({e.msg}, column {e.colno})") from None
+        if not isinstance(record, dict):
+            raise ManifestError(location, f"line {number}: expected one JSON object {{...}} per line")
+        records.append(record)
+    return records
+
+
+def _csv_records(data: bytes, location: str) -> list[dict]:
+    try:
+        names = pa_csv.open_csv(io.BytesIO(data)).schema.names
+        # Every column as text, converted per row: type inference would turn the id "007" into 7, and one
+        # bad cell would change the type of its whole column.
+        convert = pa_csv.ConvertOptions(column_types=dict.fromkeys(names, pa.string()),
+                                        strings_can_be_null=True, null_values=[""])
+        table = pa_csv.read_csv(io.BytesIO(data), convert_options=convert)
+    except pa.ArrowInvalid as e:
+        raise ManifestError(location, f"not a readable CSV file ({e})") from None
+    return _table_records(table, location)
+
+
+def _parquet_records(data: bytes, location: str) -> list[dict]:
+    try:
+        table = pq.read_table(io.BytesIO(data))
+    except pa.ArrowInvalid as e:
+        raise ManifestError(location, f"not a readable Parquet file ({e})") from None
+    # pandas stores a DataFrame's index as a column unless it is 0, 1, 2, ... (e.g. after filtering rows);
+    # it is bookkeeping, not a job field.
+    index = [c for c in (table.schema.pandas_metadata or {}).get("index_columns", []) if isinstance(c, str)]
+    return _table_records(table.drop_columns(index), location)
+
+
+def _table_records(table: pa.Table, location: str) -> list[dict]:
+    names = table.schema.names
+    repeated = [name for name in names if names.count(name) > 1]
+    if repeated:
+        raise ManifestError(location, f"column {repeated[0]!r} appears more than once")
+    return table.to_pylist()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Paths
+# --------------------------------------------------------------------------------------------------------
+
+
+def _is_url(path: str) -> bool:
+    return fsspec.core.split_protocol(path)[0] is not None
+
+
+def _local(path: str) -> str:
+    """file:// and local:// URLs as plain paths, which ffmpeg and the pipeline read; anything else as given."""
+    if fsspec.core.split_protocol(path)[0] in ("file", "local"):
+        return fsspec.core.url_to_fs(path)[1]
+    return path
+
+
+def _directory(location: str) -> str:
+    location = _local(location)
+    if _is_url(location):
+        protocol, rest = location.split("://", 1)
+        return f"{protocol}://{posixpath.dirname(rest)}"
+    return os.path.dirname(os.path.abspath(location))
+
+
+def _resolve(path: str, base_dir: str) -> str:
+    if _is_url(path):
+        return _local(path)
+    if os.path.isabs(path):
+        return os.path.normpath(path)
+    if _is_url(base_dir):
+        protocol, root = base_dir.split("://", 1)
+        return f"{protocol}://{posixpath.normpath(posixpath.join(root, path))}"
+    return os.path.normpath(os.path.join(base_dir, path))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Values: each converter returns the value or raises _Invalid, whose message names the column
+# --------------------------------------------------------------------------------------------------------
+
+
+class _Invalid(ValueError):
+    pass
+
+
+def _empty(value) -> bool:
+    return value is None or value == "" or (isinstance(value, float) and math.isnan(value))
+
+
+def _text(value, column: str) -> str:
+    if not isinstance(value, str):
+        raise _Invalid(f"{column}: expected text, got {value!r}")
+    return value
+
+
+def _integer(value, column: str) -> int:
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+        return int(value)
+    if isinstance(value, float) and value.is_integer():  # pandas writes an integer column with gaps as floats
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise _Invalid(f"{column}: expected a whole number, got {value!r}")
+
+
+def _number(value, column: str) -> float:
+    number = None
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    if number is None or not math.isfinite(number):
+        raise _Invalid(f"{column}: expected a finite number, got {value!r}")
+    return number
+
+
+def _file_name(value, column: str) -> str:
+    """A plain file name: the run's storage keeps a job's state and its output under these names."""
+    name = _text(value, column)
+    if name in (".", "..") or any(c in "/\\" or not c.isprintable() for c in name):
+        raise _Invalid(f"{column}: {name!r} must be a plain file name (no '/', '\\' or control characters, "
+                       f"not '.' or '..')")
+    return name
+
+
+def _job_id(value, column: str) -> str:
+    return _file_name(str(value) if isinstance(value, int) and not isinstance(value, bool) else value, column)
+
+
+def _boxes(value, column: str) -> tuple[Box, ...]:
+    boxes = value
+    if isinstance(value, str):
+        try:
+            boxes = json.loads(value)
+        except json.JSONDecodeError:
+            boxes = None
+    numbers = (int, float)
+    if not (isinstance(boxes, list) and all(
+            isinstance(box, list) and len(box) == 4 and all(
+                isinstance(x, numbers) and not isinstance(x, bool) and math.isfinite(x) for x in box)
+            for box in boxes)):
+        raise _Invalid(f"{column}: expected [[left, top, right, bottom], [left, top, right, bottom]] in source "
+                       f"pixels, got {value!r}")
+    return tuple(Box(*map(float, box)) for box in boxes)
+
+
+def _output(value, column: str) -> str:
+    name = _file_name(value, column)
+    if not name.lower().endswith(".mp4"):
+        raise _Invalid(f"{column}: {name!r} must end in .mp4 (the farm writes H.264/AAC MP4)")
+    return name
+
+
+OVERRIDES = {"steps": _integer, "scheduler": _text, "shift": _number, "text_scale": _number,
+             "audio_scale": _number, "color_match": _text, "color_strength": _number}
+_SOURCES = ("image", "video")
+_AUDIO = ("audio", "audio_1", "audio_2")
+COLUMNS = ("id", *_SOURCES, *_AUDIO, "audio_type", "boxes", "prompt", "negative_prompt", "seed", "output",
+           *OVERRIDES)
+
+
+def _settings_problems(base: RenderSettings, overrides: dict) -> list[str]:
+    """What the pipeline's own checks say about the run's settings with these overrides; only the groups
+    that the row touches are checked, so that a problem of the run's settings is not blamed on a row."""
+    settings = dataclasses.replace(base, **overrides)
+    problems = []
+    if overrides.keys() & {"scheduler", "steps", "shift"}:
+        try:
+            flow_sigmas(settings.scheduler, settings.steps, settings.shift)
+        except ValueError as e:
+            problems.append(str(e))
+    if "color_match" in overrides and settings.color_match not in METHODS:
+        problems.append(f"color_match: {settings.color_match!r} is not one of {', '.join(METHODS)}")
+    return problems
+
+
+# --------------------------------------------------------------------------------------------------------
+# Rows
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Draft:
+    """A row on its way to a ManifestRow: what has parsed so far and every problem found."""
+
+    row: int
+    id: str | None = None
+    job: Job | None = None
+    media: dict[str, str] = field(default_factory=dict)  # column -> resolved path
+    output: str | None = None
+    overrides: dict = field(default_factory=dict)
+    reasons: list[str] = field(default_factory=list)
+
+    def take(self, values: dict, column: str, convert):
+        """values[column] converted, or None if it is not given or does not convert (the reason noted)."""
+        if column not in values:
+            return None
+        try:
+            return convert(values[column], column)
+        except _Invalid as e:
+            self.reasons.append(str(e))
+            return None
+
+
+def _check_rows(records: list[dict], base_dir: str, base: RenderSettings) -> tuple[list[ManifestRow],
+                                                                                    list[RowError]]:
+    drafts = [_parse(row, record, base_dir, base) for row, record in enumerate(records, 1)]
+    _mark_duplicates(drafts)
+    _check_media(drafts)
+    rows = [ManifestRow(d.row, d.job, d.output, d.overrides) for d in drafts if not d.reasons]
+    errors = [RowError(d.row, d.id, "; ".join(d.reasons)) for d in drafts if d.reasons]
+    return rows, errors
+
+
+def _parse(row: int, record: dict, base_dir: str, base: RenderSettings) -> _Draft:
+    values = {column: value for column, value in record.items() if not _empty(value)}
+    draft = _Draft(row)
+    draft.id = draft.take(values, "id", _job_id)
+    if "id" not in values:
+        draft.reasons.append("id: missing")
+
+    sources = [column for column in _SOURCES if column in values]
+    if len(sources) != 1:
+        draft.reasons.append(f"image, video: give exactly one ({'both' if sources else 'neither'} given)")
+    speakers = [column for column in _AUDIO if column in values]
+    if problem := _speakers_problem(speakers):
+        draft.reasons.append(problem)
+    for column in sources + speakers:
+        if (path := draft.take(values, column, _text)) is not None:
+            draft.media[column] = _resolve(path, base_dir)
+    job_fields = {name: value for name, convert in (("prompt", _text), ("negative_prompt", _text),
+                                                    ("seed", _integer), ("audio_type", _text), ("boxes", _boxes))
+                  if (value := draft.take(values, name, convert)) is not None}
+    if not draft.reasons:  # the Job's own checks (seed range, audio_type, boxes per speaker) need valid fields
+        try:
+            draft.job = Job(id=draft.id, image=draft.media.get("image"), video=draft.media.get("video"),
+                            audio=tuple(draft.media[c] for c in speakers), **job_fields)
+        except JobError as e:
+            draft.reasons.append(str(e))
+
+    draft.output = draft.take(values, "output", _output) or (draft.id and f"{draft.id}.mp4")
+    for column, convert in OVERRIDES.items():
+        if (value := draft.take(values, column, convert)) is not None:
+            draft.overrides[column] = value
+    draft.reasons += _settings_problems(base, draft.overrides)
+    draft.reasons += [_unknown(column) for column in sorted(values.keys() - set(COLUMNS))]
+    return draft
+
+
+def _unknown(column: str) -> str:
+    close = difflib.get_close_matches(column, COLUMNS, n=1)
+    hint = f"did you mean {close[0]!r}?" if close else f"known columns: {', '.join(COLUMNS)}"
+    return f"unknown column {column!r}; {hint}"
+
+
+def _speakers_problem(given: list[str]) -> str | None:
+    """None if the audio columns `given` are one or two speakers: audio or audio_1, then maybe audio_2."""
+    if "audio" in given and "audio_1" in given:
+        return "audio, audio_1: both name speaker 1's track; give one of them"
+    if "audio" not in given and "audio_1" not in given:
+        return "audio: missing" + (" (audio_2 is the second speaker; the first is audio or audio_1)"
+                                   if given else "")
+    return None
+
+
+def _mark_duplicates(drafts: list[_Draft]) -> None:
+    """Every repeat of an id or an output after its first row fails (a repeated id also repeats the default
+    output, so only the id is reported then)."""
+    first_id: dict[str, int] = {}
+    first_output: dict[str, int] = {}
+    for draft in drafts:
+        if draft.id is not None and draft.id in first_id:
+            draft.reasons.append(f"id: {draft.id!r} repeats row {first_id[draft.id]}")
+        elif draft.output is not None and draft.output in first_output:
+            draft.reasons.append(f"output: {draft.output!r} is already written by row {first_output[draft.output]}")
+        if draft.id is not None:
+            first_id.setdefault(draft.id, draft.row)
+        if draft.output is not None:
+            first_output.setdefault(draft.output, draft.row)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Media files
+# --------------------------------------------------------------------------------------------------------
+
+
+def _check_media(drafts: list[_Draft]) -> None:
+    # Each file once, however many rows share it (a batch often reuses one face or one voice), in a thread
+    # pool: a probe is a few short ffmpeg runs, a remote check one round trip, so threads overlap well.
+    paths = sorted({path for draft in drafts for path in draft.media.values()})
+    with ThreadPoolExecutor() as pool:
+        found = dict(zip(paths, pool.map(_inspect, paths)))
+    for draft in drafts:
+        for column, path in draft.media.items():
+            info, problem = found[path]
+            if problem is None and info is not None:
+                problem = _stream_problem(column, info)
+            if problem:
+                draft.reasons.append(f"{column} {path}: {problem}")
+        if draft.job is not None and draft.job.boxes:
+            _check_boxes(draft, found[draft.job.image or draft.job.video][0])
+
+
+def _check_boxes(draft: _Draft, source: media.MediaInfo | None) -> None:
+    """The speakers' boxes against the picture's size, where it is known (local files only)."""
+    if source is None:
+        return
+    height, width = source.frame_size()
+    for i, box in enumerate(draft.job.boxes):
+        try:
+            box.check(width, height, f"boxes: speaker {i + 1}")
+        except JobError as e:
+            draft.reasons.append(str(e))
+
+
+def _inspect(path: str) -> tuple[media.MediaInfo | None, str | None]:
+    """(info, None) for a local file ffmpeg reads; (None, None) for a remote file that exists;
+    (None, problem) otherwise."""
+    if not _is_url(path):
+        try:
+            return media.probe(path), None
+        except media.MediaError as e:
+            return None, e.problem
+    try:
+        filesystem, inner = fsspec.core.url_to_fs(path)
+        return None, None if filesystem.isfile(inner) else "no such file"
+    # A missing fsspec backend, credentials, the network: whatever the cause, the row cannot run as it is.
+    except Exception as e:  # noqa: BLE001
+        return None, f"cannot check it ({type(e).__name__}: {e})"
+
+
+def _stream_problem(column: str, info: media.MediaInfo) -> str | None:
+    if column in _AUDIO:
+        if not info.has_audio:
+            return "no audio stream"
+        if info.audio.sample_count == 0:
+            return "the audio is empty"
+    elif not info.has_video:
+        return "no picture in it (ffmpeg finds no image or video stream)"
+    return None

@@ -1,0 +1,119 @@
+"""A run: the validated config -> rows to render -> Ray workers -> results.parquet and outputs.
+
+Re-running the same command skips rows whose output is finished and published, and resumes the rest
+at their last stored window.
+"""
+
+import logging
+import os
+
+import ray
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from farm.actors import ModelSpec
+from farm.config import TinyModel, checkpoint_paths, precision, render_settings, run_root
+from farm.manifest import read_manifest, settings_for, single_job
+from farm.progress import Progress
+from farm.scheduler import Resources, Scheduler
+from farm.storage import RunStore
+
+log = logging.getLogger("talkfarm")
+
+CPU_RENDERERS = 2  # on a machine without GPUs (the tiny model, tests, the demo)
+
+
+def run(cfg: DictConfig) -> int:
+    """Render every row; returns the process exit code (0: all done, 1: some rows failed)."""
+    settings = render_settings(cfg)
+    store = RunStore(run_root(cfg))
+    store.save_config(OmegaConf.to_yaml(cfg, resolve=True))
+    if cfg.manifest:
+        rows, errors = read_manifest(cfg.manifest, settings)
+    else:
+        rows, errors = single_job(OmegaConf.to_container(cfg.job), os.getcwd(), settings)
+
+    results = {r["id"]: r for r in store.read_results()}
+    valid_ids = {row.job.id for row in rows}
+    for error in errors:
+        # a row without an id, or repeating one, is named by its row number
+        key = error.id if error.id is not None and error.id not in valid_ids else f"{error.id or ''} (row {error.row})".lstrip()
+        results[key] = {"id": key, "status": "failed", "error": error.reason}
+        log.error("%s: %s", key, error.reason)
+    todo = [
+        (row, settings_for(row, settings))
+        for row in rows
+        if not (results.get(row.job.id, {}).get("status") == "done" and store.output_exists(row.output))
+    ]
+    if len(todo) < len(rows):
+        log.info("%d of %d rows already finished: skipped", len(rows) - len(todo), len(rows))
+    store.write_results(list(results.values()))
+
+    def record(row: dict) -> None:
+        results[row["id"]] = row
+        store.write_results(list(results.values()))
+
+    if todo:
+        progress = Progress()
+        started_ray = not ray.is_initialized()  # a caller (a notebook, a test) may have started Ray already
+        if started_ray:
+            local = cfg.cluster.mode == "local"
+            ray.init(address=None if local else cfg.cluster.address, **_local_resources(cfg) if local else {},
+                     include_dashboard=False, logging_level=logging.WARNING)
+        scheduler = Scheduler(_model_spec(cfg), store.url, _resources(cfg), progress, record)
+        try:
+            scheduler.start()
+            scheduler.run(todo)
+        except KeyboardInterrupt:
+            progress.close()
+            log.warning("interrupted: every finished window is stored; run the same command again to resume")
+            return 130
+        finally:
+            progress.close()
+            scheduler.stop()
+            if started_ray:
+                ray.shutdown()
+
+    failed = [r for r in results.values() if r["status"] == "failed"]
+    done = [r for r in results.values() if r["status"] == "done"]
+    for r in done:
+        print(f"{r['id']}: {r['output']}")
+    print(f"{len(done)} done, {len(failed)} failed; results: {store.results_path}")
+    return 1 if failed else 0
+
+
+def _gpus() -> int:
+    return int(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else torch.cuda.device_count()
+
+
+def _local_resources(cfg) -> dict:
+    """An in-process Ray: logical CPUs for every worker we start (actors mostly wait on torch)."""
+    renderers = cfg.cluster.renderers or torch.cuda.device_count() or CPU_RENDERERS
+    return {"num_cpus": max(os.cpu_count() or 1, renderers + cfg.cluster.encoders + 2)}
+
+
+def _model_spec(cfg) -> ModelSpec:
+    gpus = _gpus()
+    device = "cuda" if (cfg.model.device == "cuda" or (cfg.model.device == "auto" and gpus)) else "cpu"
+    if device == "cuda" and not gpus:
+        raise RuntimeError("model.device=cuda but the Ray cluster has no GPUs")
+    renderers = cfg.cluster.renderers or gpus or CPU_RENDERERS
+    threads = None if device == "cuda" else max(1, (os.cpu_count() or 1) // (renderers + cfg.cluster.encoders))
+    tiny = issubclass(OmegaConf.get_type(cfg.model), TinyModel)
+    return ModelSpec(
+        checkpoint_paths(cfg), precision(cfg), device, cfg.attention.backend, cfg.quant.mode, threads, tiny
+    )
+
+
+def _resources(cfg) -> Resources:
+    gpus = _gpus()
+    renderers = cfg.cluster.renderers or gpus or CPU_RENDERERS
+    return Resources(
+        renderer={"num_gpus": 1} if gpus else {"num_cpus": 1},
+        encoder={"num_cpus": 1},
+        renderers=renderers,
+        encoders=cfg.cluster.encoders,
+        max_in_flight=cfg.cluster.max_in_flight or 2 * renderers,
+        max_retries=cfg.cluster.max_retries,
+        actor_failure_limit=cfg.cluster.actor_failure_limit,
+    )

@@ -1,0 +1,181 @@
+"""The farm's scheduler: one loop over ray.wait that moves jobs through encode -> render -> finish.
+
+- Encoders run ahead of the renderers (bounded by `max_in_flight`), so a GPU never waits on T5/wav2vec2.
+- A renderer takes one job at a time; the longest encoded job goes first, so the long tail of a
+  manifest does not end with one GPU rendering its longest job alone.
+- Rendering is a streaming generator: one event per window, which drives the progress display.
+- A renderer that dies (ray.kill, OOM, lost node) is replaced; its job goes back to the queue and
+  resumes from its last stored window on whichever renderer is free. Each job has a retry budget;
+  input errors (a file ffmpeg cannot read, a bad box) fail the row at once. A renderer whose jobs keep
+  failing is replaced after `actor_failure_limit` failures in a row.
+
+The scheduler's memory is a cache: everything a job needs to resume is in the RunStore.
+"""
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+from farm.actors import Encoder, ModelSpec, Renderer, finish
+from farm.manifest import ManifestRow
+from farm.progress import Progress
+from pipeline.job import JobError, RenderSettings
+from pipeline.media import MediaError
+
+log = logging.getLogger(__name__)
+
+PERMANENT = (JobError, MediaError)  # wrong inputs: retrying cannot help
+
+
+@dataclass
+class Resources:
+    """Ray resources per worker kind (GPUs on a GPU cluster, CPUs otherwise)."""
+
+    renderer: dict
+    encoder: dict
+    renderers: int
+    encoders: int
+    max_in_flight: int
+    max_retries: int
+    actor_failure_limit: int
+
+
+@dataclass
+class Task:
+    row: ManifestRow
+    settings: RenderSettings
+    attempts: int = 0
+    meta: dict | None = None  # from the encoder: frames, windows
+    inputs: object = None  # ObjectRef of the JobInputs
+    started: float | None = None
+    actor: str | None = None
+    windows_done: int = 0
+
+    @property
+    def id(self) -> str:
+        return self.row.job.id
+
+
+@dataclass
+class Scheduler:
+    spec: ModelSpec
+    run_root: str
+    resources: Resources
+    progress: Progress
+    on_result: callable  # called with each finished or failed row (dict)
+    encoders: list = field(default_factory=list)
+    renderers: dict = field(default_factory=dict)  # name -> actor handle
+    failures: dict = field(default_factory=dict)  # renderer name -> consecutive failures
+    _spawned: int = 0
+
+    def start(self) -> None:
+        self.encoders = [Encoder.options(**self.resources.encoder).remote(self.spec) for _ in range(self.resources.encoders)]
+        for _ in range(self.resources.renderers):
+            self._spawn_renderer()
+
+    def stop(self) -> None:
+        for actor in [*self.encoders, *self.renderers.values()]:
+            ray.kill(actor, no_restart=True)
+        self.encoders, self.renderers = [], {}
+
+    def _spawn_renderer(self) -> str:
+        name = f"renderer-{self._spawned}"
+        self._spawned += 1
+        self.renderers[name] = Renderer.options(name=name, **self.resources.renderer).remote(self.spec, self.run_root, name)
+        self.failures[name] = 0
+        return name
+
+    def _replace(self, name: str, reason: str) -> str:
+        log.warning("replacing %s: %s", name, reason)
+        ray.kill(self.renderers.pop(name), no_restart=True)
+        self.failures.pop(name, None)
+        return self._spawn_renderer()
+
+    def run(self, rows: list[tuple[ManifestRow, RenderSettings]]) -> None:
+        to_encode = deque(Task(row, settings) for row, settings in rows)
+        encoding: dict = {}  # meta ref -> task
+        ready: list[Task] = []  # encoded, waiting for a renderer, longest first
+        rendering: dict = {}  # generator -> (task, renderer name)
+        finishing: dict = {}  # ref -> task
+        idle = list(self.renderers)
+        self.progress.start(len(rows))
+
+        def fail_or_retry(task: Task, error: BaseException) -> None:
+            cause = error.cause if isinstance(error, RayTaskError) else error
+            task.attempts += 1
+            if isinstance(cause, PERMANENT) or task.attempts > self.resources.max_retries:
+                reason = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
+                self.progress.job_failed(task.id, reason)
+                self.on_result(self._row(task, "failed", error=reason))
+            else:
+                log.warning("job %s: attempt %d failed (%s); retrying", task.id, task.attempts, type(cause).__name__)
+                to_encode.appendleft(task) if task.inputs is None else ready.insert(0, task)
+
+        while to_encode or encoding or ready or rendering or finishing:
+            while to_encode and len(encoding) + len(ready) < self.resources.max_in_flight:
+                task = to_encode.popleft()
+                encoder = self.encoders[len(encoding) % len(self.encoders)]
+                meta, task.inputs = encoder.encode.remote(task.row.job, task.settings)
+                encoding[meta] = task
+            ready.sort(key=lambda t: -t.meta["frames"])
+            while idle and ready:
+                task, name = ready.pop(0), idle.pop(0)
+                task.actor, task.started = name, task.started or time.time()
+                gen = self.renderers[name].render.remote(task.row.job, task.inputs, task.settings, task.attempts + 1)
+                rendering[gen] = (task, name)
+
+            done, _ = ray.wait([*encoding, *rendering, *finishing], num_returns=1, timeout=1.0)
+            for ref in done:
+                if ref in encoding:
+                    task = encoding.pop(ref)
+                    try:
+                        task.meta = ray.get(ref)
+                        ready.append(task)
+                    except Exception as error:  # noqa: BLE001 - every failure becomes the row's reason
+                        task.inputs = None
+                        fail_or_retry(task, error)
+                elif ref in rendering:
+                    task, name = rendering[ref]
+                    try:
+                        event = ray.get(next(ref))
+                        task.windows_done = event["window"]
+                        self.progress.window(task.id, event["window"], event["windows"])
+                        continue
+                    except StopIteration:
+                        rendering.pop(ref)
+                        self.failures[name] = 0
+                        idle.append(name)
+                        finishing[finish.remote(task.row.job, task.inputs, task.row.output, self.run_root)] = task
+                    except RayActorError as error:
+                        rendering.pop(ref)
+                        idle.append(self._replace(name, f"it died while rendering {task.id}") if name in self.renderers else self._spawn_renderer())
+                        fail_or_retry(task, error)
+                    except Exception as error:  # noqa: BLE001
+                        rendering.pop(ref)
+                        self.failures[name] += 1
+                        if self.failures[name] >= self.resources.actor_failure_limit:
+                            name = self._replace(name, f"{self.failures[name]} jobs failed in a row")
+                        idle.append(name)
+                        fail_or_retry(task, error)
+                else:
+                    task = finishing.pop(ref)
+                    try:
+                        result = ray.get(ref)
+                    except Exception as error:  # noqa: BLE001
+                        fail_or_retry(task, error)
+                        continue
+                    self.progress.job_done(task.id)
+                    self.on_result(self._row(task, "done", **result))
+
+    def _row(self, task: Task, status: str, **fields) -> dict:
+        meta = task.meta or {}
+        return {
+            "id": task.id, "status": status, "error": fields.get("error"), "output": fields.get("output"),
+            "frames": fields.get("frames", meta.get("frames")), "duration": fields.get("duration"),
+            "windows": meta.get("windows"), "seconds": time.time() - task.started if task.started else None,
+            "actor": task.actor, "attempts": task.attempts + (status == "done"),
+        }

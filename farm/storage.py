@@ -1,0 +1,251 @@
+"""A run's durable state, through fsspec: a local path by default, or any fsspec URL (s3://, gs://,
+memory://, file://) - the same code for all of them.
+
+    <root>/config.yaml                              the resolved config
+    <root>/results.parquet                          one row per job (RESULTS_SCHEMA), rewritten whole
+    <root>/jobs/<job_id>/state.json                 resume state after the job's last finished window ...
+    <root>/jobs/<job_id>/state-00004-<token>.safetensors   ... and its motion latents (named in state.json)
+    <root>/jobs/<job_id>/segment-00003.mp4          each window's kept frames
+    <root>/jobs/<job_id>/windows/00003-attempt1.json   the window log, one object per rendered window
+    <root>/outputs/<name>.mp4                       published videos
+
+Every write goes to a hidden temporary name in the destination's directory (`.<name>.<token>.tmp`) and
+is then moved into place, so a reader sees the old file or the new one, never half of one: a rename on
+a local disk; on object stores a single PUT is already all-or-nothing and `mv` is a server-side copy, so
+the same code is safe there too. A writer that dies leaves at most a temporary file, which no reader
+looks at.
+
+One writer per job at a time (the scheduler's job-to-actor affinity); any number of readers.
+"""
+
+import contextlib
+import json
+import posixpath
+import uuid
+from pathlib import Path
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import safetensors.torch
+from fsspec.implementations.local import LocalFileSystem
+
+from pipeline.render import ResumeState
+
+RESULTS_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("status", pa.string()),  # done / failed / ... as the scheduler names them
+        ("error", pa.string()),  # the one-line reason a row failed, for the user to act on
+        ("output", pa.string()),  # where the published mp4 is (publish_output's return value)
+        ("frames", pa.int64()),  # video frames, 25 fps
+        ("duration", pa.float64()),  # seconds of video (= of speech)
+        ("windows", pa.int64()),
+        ("seconds", pa.float64()),  # wall time spent rendering, over all attempts
+        ("actor", pa.string()),  # the actor that finished the job
+        ("attempts", pa.int64()),  # > 1 when the job was resumed or retried: worth a look
+        ("finished", pa.timestamp("ms", tz="UTC")),  # when the row reached its status (parquet has no "s" unit)
+    ]
+)
+REQUIRED_COLUMNS = ("id", "status")
+
+
+class RunStore:
+    """The files of one run under `root`; see the module docstring for the layout."""
+
+    def __init__(self, root: str):
+        self.url = root  # as given: what other processes open their own RunStore with
+        self.fs, self.root = fsspec.core.url_to_fs(root)
+
+    @property
+    def results_path(self) -> str:
+        return self._location(self._path("results.parquet"))
+
+    # ------------------------------------------------------------------------------------ the run
+
+    def save_config(self, text: str) -> None:
+        self._write(self._path("config.yaml"), text.encode())
+
+    def write_results(self, rows: list[dict]) -> None:
+        """Replace the results table with `rows` (dicts keyed by RESULTS_SCHEMA's columns; a missing
+        column is null)."""
+        ids = set()
+        for row in rows:
+            unknown = row.keys() - set(RESULTS_SCHEMA.names)
+            if unknown:  # a misspelt column would otherwise be dropped without a word
+                raise ValueError(f"results row {row.get('id')!r}: unknown columns {sorted(unknown)}")
+            for column in REQUIRED_COLUMNS:
+                if row.get(column) is None:
+                    raise ValueError(f"results row {row}: {column!r} is required")
+            if row["id"] in ids:
+                raise ValueError(f"results: job id {row['id']!r} appears twice")
+            ids.add(row["id"])
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.Table.from_pylist(rows, schema=RESULTS_SCHEMA), sink)
+        self._write(self._path("results.parquet"), sink.getvalue().to_pybytes())
+
+    def read_results(self) -> list[dict]:
+        """The results table as dicts (None for nulls); empty before the first write."""
+        data = self._read(self._path("results.parquet"))
+        if data is None:
+            return []
+        return pq.read_table(pa.BufferReader(data)).to_pylist()
+
+    def publish_output(self, local_path: str | Path, name: str) -> str:
+        """Upload a finished video as outputs/<name>, replacing any earlier one; returns where it is
+        (a local path, or a URL). The caller verifies the local file first."""
+        path = self._path("outputs", _component("output name", name))
+        self._upload(local_path, path)
+        return self._location(path)
+
+    def output_exists(self, name: str) -> bool:
+        path = self._path("outputs", _component("output name", name))
+        self.fs.invalidate_cache(posixpath.dirname(path))
+        return self.fs.exists(path)
+
+    # -------------------------------------------------------------------------------- one job
+
+    def save_state(self, job_id: str, state: ResumeState, segment_names: list[str]) -> None:
+        """Record `state` as the job's resume point. `segment_names` are the put_segment names of
+        `state.segments`, in order; they must already be uploaded.
+
+        The pair stays consistent: the tensor goes to a fresh name first, then state.json - the one
+        file readers trust - is replaced to point at it. Dying between the two leaves the previous
+        state.json and the tensor it names untouched.
+        """
+        if len(segment_names) != len(state.segments):
+            raise ValueError(f"job {job_id!r}: {len(segment_names)} segment names for {len(state.segments)} segments")
+        job = self._job_dir(job_id)
+        tensor = None
+        if state.motion_latents is not None:
+            # Fresh per save, so even a repeated save of the same window never overwrites the tensor
+            # that the current state.json names.
+            tensor = f"state-{state.next_window:05d}-{uuid.uuid4().hex[:8]}.safetensors"
+            latents = state.motion_latents.detach().cpu().contiguous()
+            self._write(f"{job}/{tensor}", safetensors.torch.save({"motion_latents": latents}))
+        record = {"next_window": state.next_window, "motion_latents": tensor, "segments": list(segment_names)}
+        self._write(f"{job}/state.json", json.dumps(record, indent=1).encode())
+        # Only now is the previous tensor unreferenced; this also sweeps tensors left by a writer that
+        # died before its state.json was written.
+        for name in self._list(job):
+            if name.startswith("state-") and name.endswith(".safetensors") and name != tensor:
+                self.fs.rm(f"{job}/{name}")
+
+    def load_state(self, job_id: str) -> ResumeState | None:
+        """The job's resume point, or None if it has none (never started, or cleared). Its segments
+        are names in the job's directory: fetch_segments turns them into local files."""
+        job = self._job_dir(job_id)
+        data = self._read(f"{job}/state.json")
+        if data is None:
+            return None
+        record = json.loads(data)
+        latents = None
+        if record["motion_latents"] is not None:
+            tensors = safetensors.torch.load(self.fs.cat_file(f"{job}/{record['motion_latents']}"))
+            latents = tensors["motion_latents"]
+        return ResumeState(record["next_window"], latents, record["segments"])
+
+    def put_segment(self, job_id: str, local_path: str | Path) -> str:
+        """Upload a window's segment into the job's directory under its file name; returns that name."""
+        name = _component("segment name", Path(local_path).name)
+        self._upload(local_path, f"{self._job_dir(job_id)}/{name}")
+        return name
+
+    def fetch_segments(self, job_id: str, names: list[str], local_dir: str | Path) -> list[Path]:
+        """Download the named segments into `local_dir` (created if needed); returns their paths in
+        the order given."""
+        local_dir = Path(local_dir)
+        local_dir.mkdir(parents=True, exist_ok=True)
+        job = self._job_dir(job_id)
+        paths = [local_dir / _component("segment name", name) for name in names]
+        if names:  # one call, so filesystems that can download concurrently do
+            self.fs.get([f"{job}/{name}" for name in names], [str(path) for path in paths])
+        return paths
+
+    def append_window_log(self, job_id: str, record: dict) -> None:
+        """Add a record (JSON-serialisable, with int `window` and `attempt`) to the job's window log.
+
+        Object stores cannot append, and read-modify-write of one shared file would lose records to a
+        crash or race, so each record is its own small object, windows/<window>-attempt<attempt>.json;
+        re-logging the same window and attempt replaces its record.
+        """
+        name = f"{record['window']:05d}-attempt{record['attempt']}.json"
+        self._write(f"{self._job_dir(job_id)}/windows/{name}", json.dumps(record).encode())
+
+    def read_window_log(self, job_id: str) -> list[dict]:
+        """All of the job's window records, ordered by (window, attempt)."""
+        log_dir = f"{self._job_dir(job_id)}/windows"
+        paths = [f"{log_dir}/{name}" for name in self._list(log_dir) if name.endswith(".json")]
+        records = [json.loads(data) for data in self.fs.cat(paths).values()] if paths else []
+        return sorted(records, key=lambda r: (r["window"], r["attempt"]))
+
+    def clear_job(self, job_id: str) -> None:
+        """Delete everything of a job that must restart from its first window."""
+        job = self._job_dir(job_id)
+        # state.json first: a recursive delete has no order, and dying half-way must leave a job that
+        # reads as not started, never a state.json naming deleted files.
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm(f"{job}/state.json")
+        self.fs.invalidate_cache(job)
+        if self.fs.exists(job):
+            self.fs.rm(job, recursive=True)
+
+    # ----------------------------------------------------------------------------------- helpers
+
+    def _location(self, path: str) -> str:
+        """A path for a local root, a URL otherwise."""
+        return path if isinstance(self.fs, LocalFileSystem) else self.fs.unstrip_protocol(path)
+
+    def _path(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts)
+
+    def _job_dir(self, job_id: str) -> str:
+        return self._path("jobs", _component("job id", job_id))
+
+    def _temporary(self, path: str) -> str:
+        """A hidden name beside `path`: same directory (a rename never crosses filesystems), a suffix no
+        reader matches, a token so concurrent writers never share it."""
+        directory, name = posixpath.split(path)
+        return f"{directory}/.{name}.{uuid.uuid4().hex[:12]}.tmp"
+
+    def _write(self, path: str, data: bytes) -> None:
+        self._into_place(path, lambda temporary: self.fs.pipe_file(temporary, data))
+
+    def _upload(self, local_path: str | Path, path: str) -> None:
+        self._into_place(path, lambda temporary: self.fs.put_file(str(local_path), temporary))
+
+    def _into_place(self, path: str, write) -> None:
+        if isinstance(self.fs, LocalFileSystem):  # object stores have no directories to create
+            self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        temporary = self._temporary(path)
+        try:
+            write(temporary)
+            self.fs.mv(temporary, path)
+        except Exception:
+            if self.fs.exists(temporary):  # a failed upload should not leave debris on every retry
+                self.fs.rm(temporary)
+            raise
+
+    def _read(self, path: str) -> bytes | None:
+        # cat_file rather than open(): it fetches the object as it is now, where s3fs's open() may
+        # size its reads from cached listing info that another process has since made stale.
+        try:
+            return self.fs.cat_file(path)
+        except FileNotFoundError:
+            return None
+
+    def _list(self, directory: str) -> list[str]:
+        """File names in `directory` as they are now (other processes write here: drop cached listings)."""
+        self.fs.invalidate_cache(directory)
+        try:
+            return [posixpath.basename(p) for p in self.fs.ls(directory, detail=False)]
+        except FileNotFoundError:
+            return []
+
+
+def _component(what: str, name: str) -> str:
+    """`name` if it is one plain path component; ids and names come from manifests, and must never
+    reach outside their directory."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise ValueError(f"{what} {name!r} must be a plain file name (no '/', not '.' or '..')")
+    return name

@@ -1,0 +1,318 @@
+"""The config tree and its checks: every group option composes and validates; unknown keys, wrong
+types and bad values fail naming the key; the converters give the pipeline's dataclasses; the CLI
+stops a bad config with one line before Ray starts. No Ray, no model loads."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import ConfigCompositionException
+from omegaconf import DictConfig, OmegaConf
+
+from farm.cli import main
+from farm.config import ConfigError, checkpoint_paths, precision, render_settings, run_root, validate
+from pipeline.job import RenderSettings
+from pipeline.models.checkpoints import CheckpointPaths, Precision
+from pipeline.models.tiny import write_tiny_checkpoints
+
+REPO = Path(__file__).resolve().parents[1]
+ONE_JOB = ("job.audio=speech.wav", "job.image=face.png")
+
+
+def compose_config(*overrides: str) -> DictConfig:
+    with initialize_config_module("conf", version_base=None):
+        return compose("config", overrides=list(overrides))
+
+
+def config_error(*overrides: str) -> str:
+    with pytest.raises(ConfigError) as caught:
+        validate(compose_config(*overrides))
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+# ---------------------------------------------------------------------------------------------- groups
+
+# Each option of each group, with values that show it was the one composed.
+OPTIONS = {
+    ("model", "tiny"): {"model.dir": "~/.cache/talkfarm/tiny", "model.precision.dit": "fp32", "model.device": "auto"},
+    ("model", "infinitetalk_14b"): {
+        "model.weights": "/weights", "model.wan_dir": "/weights/Wan2.1-I2V-14B-480P",
+        "model.infinitetalk": "/weights/InfiniteTalk/single/infinitetalk.safetensors",
+        "model.wav2vec_dir": "/weights/chinese-wav2vec2-base", "model.dit_file": None,
+        "model.precision.dit": "bf16", "model.precision.clip": "fp16", "model.device": "auto",
+    },
+    ("quant", "none"): {"quant.mode": "none"},
+    ("quant", "fp8_weights"): {"quant.mode": "fp8_weights"},
+    ("quant", "fp8"): {"quant.mode": "fp8"},
+    ("attention", "sdpa"): {"attention.backend": "sdpa"},
+    ("sampler", "euler"): {"sampler.scheduler": "euler", "sampler.steps": 40, "sampler.shift": 7.0,
+                           "sampler.text_scale": 5.0, "sampler.audio_scale": 4.0, "sampler.apg": False},
+    ("sampler", "distill"): {"sampler.scheduler": "flowmatch_distill", "sampler.steps": 4,
+                             "sampler.text_scale": 1.0, "sampler.audio_scale": 1.0, "sampler.batched_guidance": False},
+    ("sampler", "dpmpp_sde"): {"sampler.scheduler": "dpm++_sde", "sampler.steps": 6, "sampler.shift": 7.0,
+                               "sampler.text_scale": 1.0, "sampler.audio_scale": 1.0},
+    ("window", "default"): {"window.frames": 117, "window.motion": 25},
+    ("cluster", "local"): {"cluster.mode": "local", "cluster.address": None, "cluster.renderers": None,
+                           "cluster.encoders": 1, "cluster.max_retries": 3, "cluster.actor_failure_limit": 3,
+                           "cluster.max_in_flight": None},
+    ("cluster", "address"): {"cluster.mode": "address", "cluster.address": "auto", "cluster.encoders": 1,
+                             "cluster.max_retries": 3},
+    ("storage", "local"): {"storage.root": None},
+    ("preset", "demo"): {"model.precision.dit": "fp32", "sampler.scheduler": "flowmatch_distill", "output.size": "128x128",
+                         "window.frames": 33, "window.motion": 9},
+}
+
+
+def test_every_option_on_disk_is_tested():
+    on_disk = {(p.parent.name, p.stem) for p in (REPO / "conf").glob("*/*.yaml")}
+    assert on_disk == set(OPTIONS)
+
+
+@pytest.mark.parametrize("group, option", sorted(OPTIONS))
+def test_each_option_composes_and_validates(group, option):
+    cfg = compose_config(f"{group}={option}", *ONE_JOB)
+    if (group, option) == ("quant", "fp8") and not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"^quant\.mode: .*compute capability >= 8\.9"):
+            validate(cfg)  # fp8 GEMMs on a machine that cannot run them: refused at start-up
+    else:
+        validate(cfg)
+    for key, expected in OPTIONS[group, option].items():
+        assert OmegaConf.select(cfg, key) == expected, key
+
+
+def test_top_level_defaults():
+    cfg = compose_config()
+    assert cfg.manifest is None and cfg.job.audio is None and cfg.job.seed == 0 and cfg.job.audio_type == "para"
+    assert dict(cfg.output) == {"size": "480p", "color_match": "mkl", "color_strength": 1.0, "crf": 18}
+
+
+def test_the_defaults_are_the_pipelines():
+    assert render_settings(compose_config(*ONE_JOB)) == RenderSettings()
+    assert precision(compose_config("model=infinitetalk_14b", *ONE_JOB)) == Precision()
+
+
+# ---------------------------------------------------------------------------------------------- keys and types
+
+
+def composition_error(*overrides: str) -> Exception:
+    with pytest.raises(ConfigCompositionException) as caught:
+        compose_config(*overrides)
+    return caught.value.__cause__
+
+
+@pytest.mark.parametrize("override, key", [
+    ("sampler.stepz=3", "sampler.stepz"),
+    ("foo=1", "foo"),
+    ("model.weights=/w", "model.weights"),  # a key of model=infinitetalk_14b, not of the default tiny
+    ("model.precision.fp8=bf16", "model.precision.fp8"),
+])
+def test_unknown_key_fails_in_struct_mode(override, key):
+    assert composition_error(override).full_key == key
+
+
+@pytest.mark.parametrize("override, key", [
+    ("+sampler.stepz=3", "sampler.stepz"),
+    ("+foo=1", "foo"),
+    ("+model.precision.fp8=bf16", "model.precision.fp8"),
+])
+def test_appended_unknown_key_fails_validation(override, key):
+    # Hydra's `+` opens struct mode to append; validate refuses what the schema lacks.
+    assert config_error(override, *ONE_JOB).startswith(f"{key}: not a key of")
+
+
+@pytest.mark.parametrize("override, key", [
+    ("sampler.steps=abc", "sampler.steps"),
+    ("sampler.shift=fast", "sampler.shift"),
+    ("sampler.apg=maybe", "sampler.apg"),
+    ("cluster.renderers=1.5", "cluster.renderers"),
+    ("window.frames=[117]", "window.frames"),
+])
+def test_wrong_type_fails_naming_the_key(override, key):
+    assert composition_error(override).full_key == key
+
+
+def test_a_removed_group_is_missing():
+    assert config_error("~sampler", *ONE_JOB).startswith("sampler: Missing mandatory value")
+
+
+# ---------------------------------------------------------------------------------------------- values
+
+
+@pytest.mark.parametrize("overrides, key, says", [
+    (["sampler.steps=0"], "sampler.steps", "positive integer"),
+    (["sampler=distill", "sampler.steps=6"], "sampler.steps", "exactly 4 steps"),
+    (["sampler.shift=0"], "sampler.shift", "positive number"),
+    (["sampler.scheduler=nope"], "sampler.scheduler", "euler, flowmatch_distill, unipc, dpm++_sde"),
+    (["window.frames=116"], "window.frames", "4n+1"),
+    (["window.motion=24"], "window.motion", "4k+1"),
+    (["window.motion=117"], "window.motion", "smaller than window"),
+    (["output.color_match=nope"], "output.color_match", "mkl"),
+    (["output.size=nope"], "output.size", "480p"),
+    (["output.size=100x100"], "output.size", "multiples of 16"),
+    (["output.crf=52"], "output.crf", "[0, 51]"),
+    (["quant.mode=fp4"], "quant.mode", "fp8_weights"),
+    (["attention.backend=nope"], "attention.backend", "sdpa"),
+    (["cluster=address", "attention.backend=nope"], "attention.backend", "sdpa, sage, auto"),
+    (["model.precision.dit=fp8"], "model.precision.dit", "bf16"),
+    (["model=infinitetalk_14b", "model.precision.vae=int8"], "model.precision.vae", "fp32"),
+    (["model.device=tpu"], "model.device", "auto, cuda, cpu"),
+    (["cluster.mode=k8s"], "cluster.mode", "local, address"),
+    (["cluster.address=auto"], "cluster.address", "cluster=address"),
+    (["cluster=address", "cluster.address=null"], "cluster.address", "cluster=address"),
+    (["cluster.renderers=0"], "cluster.renderers", "less than 1"),
+    (["cluster.max_retries=-1"], "cluster.max_retries", "less than 0"),
+    (["cluster.max_in_flight=0"], "cluster.max_in_flight", "less than 1"),
+])
+def test_invalid_value_fails_naming_the_key(overrides, key, says):
+    message = config_error(*overrides, *ONE_JOB)
+    assert message.startswith(f"{key}: ")
+    assert says in message
+
+
+@pytest.mark.parametrize("overrides", [[], ["manifest=jobs/m.jsonl", "job.audio=speech.wav"]])
+def test_exactly_one_of_manifest_and_job_audio(overrides):
+    assert config_error(*overrides).startswith("manifest, job.audio: give exactly one")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_local_kernels_are_checked_on_this_machine():
+    assert config_error("model.device=cuda", *ONE_JOB).startswith("model.device: cuda, but this machine has no")
+    assert config_error("attention.backend=sage", *ONE_JOB).startswith("attention.backend: ")
+    # A cluster's driver need not have the GPUs: there the actors check the kernel when they load.
+    validate(compose_config("cluster=address", "model.device=cuda", "attention.backend=sage", *ONE_JOB))
+
+
+def test_a_manifest_alone_is_valid():
+    validate(compose_config("manifest=s3://bucket/jobs/batch.jsonl"))
+
+
+def test_two_speakers_with_boxes_compose():
+    cfg = compose_config(*ONE_JOB, "job.audio_2=b.wav", "job.boxes=[[0,0,320,480],[320.5,0,640,480]]")
+    validate(cfg)
+    assert cfg.job.boxes == [[0, 0, 320, 480], [320.5, 0, 640, 480]]
+
+
+# ---------------------------------------------------------------------------------------------- converters
+
+
+def test_render_settings():
+    cfg = compose_config("sampler=dpmpp_sde", "window.frames=33", "window.motion=9", "output.size=832x480",
+                         "output.color_match=none", "output.crf=23", "sampler.apg=true", *ONE_JOB)
+    assert render_settings(cfg) == RenderSettings(
+        window=33, motion=9, scheduler="dpm++_sde", steps=6, shift=7.0, text_scale=1.0, audio_scale=1.0, apg=True,
+        batched_guidance=False, color_match="none", color_strength=1.0, size="832x480", crf=23,
+    )
+
+
+def test_tiny_model_is_written_on_first_use(tmp_path):
+    cfg = compose_config(f"model.dir={tmp_path / 'tiny'}", *ONE_JOB)
+    paths = checkpoint_paths(cfg)
+    assert paths == write_tiny_checkpoints(tmp_path / "tiny")  # already complete: not written again
+    assert paths.infinitetalk.is_file() and (paths.wav2vec_dir / "config.json").is_file()
+    assert paths.dit_files() and paths.t5().is_file() and paths.vae().is_file()
+    assert precision(cfg) == Precision(dit="fp32", t5="fp32", clip="fp32", vae="fp32")
+
+
+def test_official_layout_paths():
+    cfg = compose_config("model=infinitetalk_14b", "model.weights=/w", "model.dit_file='~/comfy/dit_fp8.safetensors'",
+                         "model.wav2vec_dir=/elsewhere/wav2vec", *ONE_JOB)
+    assert checkpoint_paths(cfg) == CheckpointPaths(
+        wan_dir=Path("/w/Wan2.1-I2V-14B-480P"),
+        infinitetalk=Path("/w/InfiniteTalk/single/infinitetalk.safetensors"),
+        wav2vec_dir=Path("/elsewhere/wav2vec"),
+        dit_file=Path("~/comfy/dit_fp8.safetensors").expanduser(),
+    )
+
+
+@pytest.mark.parametrize("overrides, root", [
+    (["manifest=s3://bucket/jobs/batch-7.jsonl"], "runs/batch-7"),
+    (["manifest=jobs/demo.jsonl", "storage.root=s3://bucket/runs/r1"], "s3://bucket/runs/r1"),
+    (["manifest=jobs/demo.jsonl", "storage.root=out/r2"], "out/r2"),
+    ([*ONE_JOB, "job.id=anna"], "runs/anna"),
+    (["job.audio=audio/speech-01.wav", "job.image=face.png"], "runs/speech-01"),
+])
+def test_run_root(overrides, root, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    expected = root if "://" in root else str(tmp_path / root)  # local roots come back absolute
+    assert run_root(compose_config(*overrides)) == expected
+
+
+# ---------------------------------------------------------------------------------------------- the CLI
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys, tmp_path):
+    """Run `talkfarm ARGS` in this process, in an empty directory: (exit status, stdout, stderr)."""
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")  # main() sets it to 1; monkeypatch restores it after
+    monkeypatch.chdir(tmp_path)
+
+    def run(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["talkfarm", *args])
+        try:
+            with pytest.raises(SystemExit) as caught:
+                main()
+        finally:
+            GlobalHydra.instance().clear()
+        out, err = capsys.readouterr()
+        code = caught.value.code
+        return (1, out, err + f"{code}\n") if isinstance(code, str) else (code, out, err)
+
+    return run
+
+
+@pytest.mark.parametrize("args, says", [
+    (["sampler.stepz=3", *ONE_JOB], "Could not override 'sampler.stepz': Key 'stepz' not in 'SamplerConfig'"),
+    (["+sampler.stepz=3", *ONE_JOB], "sampler.stepz: not a key of SamplerConfig (known: scheduler, steps, "),
+    (["sampler.steps=abc", *ONE_JOB], "Error merging override sampler.steps=abc: Value 'abc' of type 'str' could"),
+    (["model=nope", *ONE_JOB], "In 'config': Could not find 'model/nope'; available: infinitetalk_14b, tiny"),
+    (["sampler.steps==3", *ONE_JOB], "Error parsing override 'sampler.steps==3'"),
+    (["window.frames=116", *ONE_JOB], "window.frames: window must be 4n+1"),
+    (["manifest=m.jsonl", *ONE_JOB], "manifest, job.audio: give exactly one"),
+])
+def test_cli_config_error_is_one_line(cli, args, says):
+    code, out, err = cli(*args)
+    assert code == 1 and out == ""
+    assert err.startswith(f"talkfarm: {says}") and err.count("\n") == 1, err
+
+
+def test_cli_refuses_multirun(cli, tmp_path):
+    code, _, err = cli("-m", "sampler=euler,distill", *ONE_JOB)
+    assert code == 1 and err.startswith("talkfarm: -m/--multirun is not supported") and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []  # Hydra's launcher would have written multirun.yaml here
+
+
+def test_cli_help(cli):
+    code, out, _ = cli("--help")
+    assert code == 0
+    assert out.startswith("talkfarm renders")
+    assert "model: infinitetalk_14b, tiny" in out and "sampler: distill, dpmpp_sde, euler" in out
+
+
+# As `talkfarm` runs: a fresh process, which reports on stdout as it exits whether Ray was imported.
+CLI = (
+    "import atexit, sys; atexit.register(lambda: print('ray imported:', 'ray' in sys.modules)); "
+    "from farm.cli import main; main()"
+)
+
+
+@pytest.mark.parametrize("bad, says", [
+    ("sampler.stepz=3", "talkfarm: Could not override 'sampler.stepz'"),  # found by Hydra
+    ("window.frames=116", "talkfarm: window.frames: "),  # found by validate
+])
+def test_cli_stops_a_bad_config_before_ray(tmp_path, bad, says):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env.pop("HYDRA_FULL_ERROR", None)
+    done = subprocess.run([sys.executable, "-c", CLI, bad, *ONE_JOB], check=False, cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.startswith(says) and done.stderr.count("\n") == 1, done.stderr
+    assert "Traceback" not in done.stderr and "ray" not in done.stderr.lower()
+    assert done.stdout == "ray imported: False\n"
+    assert list(tmp_path.iterdir()) == []  # no outputs/, .hydra/ or .log files

@@ -1,0 +1,131 @@
+"""The farm on a local Ray with two CPU renderers and the tiny model: a manifest renders, a killed
+renderer's job resumes elsewhere from its last window with byte-identical output, a re-run skips
+finished rows, and malformed rows get their reasons while the rest finish."""
+
+import json
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+from hydra import compose, initialize_config_module
+
+from farm.run import run
+from farm.storage import RunStore
+from pipeline import media
+from pipeline.windows import frames_for_duration
+
+JOBS = {"a": 0.5, "b": 1.3, "c": 2.1, "d": 0.9, "long": 5.5}  # seconds of speech
+FAST = ["output.size=64x64", "window.frames=33", "window.motion=9", "sampler=distill", "cluster.renderers=2"]
+
+
+def config(*overrides):
+    with initialize_config_module("conf", version_base=None):
+        return compose("config", overrides=[*FAST, *overrides])
+
+
+def speech(path: Path, seconds: float, frequency: int) -> str:
+    expr = f"0.5*sin(2*PI*{frequency}*t)*(0.6+0.4*sin(2*PI*4*t))"
+    subprocess.run([media.ffmpeg_binary(), "-y", "-loglevel", "error", "-f", "lavfi", "-i",
+                    f"aevalsrc={expr}:s=22050:d={seconds}", str(path)], check=True)
+    return path.name
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray.init(num_cpus=6, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("jobs")
+    shutil.copy(Path(__file__).parents[1] / "jobs" / "demo" / "astronaut.png", folder / "face.png")
+    lines = [
+        {"id": job, "image": "face.png", "audio": speech(folder / f"{job}.wav", seconds, 200 + 40 * i), "seed": i}
+        for i, (job, seconds) in enumerate(JOBS.items())
+    ]
+    path = folder / "manifest.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+@pytest.fixture(scope="module")
+def undisturbed(ray_cluster, manifest, tmp_path_factory) -> RunStore:
+    root = tmp_path_factory.mktemp("undisturbed")
+    assert run(config(f"manifest={manifest}", f"storage.root={root}")) == 0
+    return RunStore(str(root))
+
+
+def test_a_manifest_renders_every_row(undisturbed):
+    results = {r["id"]: r for r in undisturbed.read_results()}
+    assert set(results) == set(JOBS)
+    for job, seconds in JOBS.items():
+        row = results[job]
+        assert row["status"] == "done" and row["error"] is None, row
+        info = media.probe(row["output"])
+        assert info.video.frame_count == row["frames"] == frames_for_duration(seconds)
+        assert info.audio is not None and abs(info.duration - seconds) <= 1 / 25
+        assert row["windows"] == len({r["window"] for r in undisturbed.read_window_log(job)})
+        assert row["actor"].startswith("renderer-")
+
+
+def test_a_rerun_skips_finished_rows(ray_cluster, manifest, undisturbed):
+    before = {job: undisturbed.read_window_log(job) for job in JOBS}
+    assert run(config(f"manifest={manifest}", f"storage.root={undisturbed.url}")) == 0
+    assert {job: undisturbed.read_window_log(job) for job in JOBS} == before  # nothing rendered again
+    assert all(r["status"] == "done" for r in undisturbed.read_results())
+
+
+def test_a_killed_renderer_hands_its_job_on_without_losing_windows(ray_cluster, manifest, undisturbed, tmp_path):
+    store = RunStore(str(tmp_path / "run"))
+    outcome = {}
+    worker = threading.Thread(target=lambda: outcome.setdefault("code", run(config(f"manifest={manifest}", f"storage.root={store.url}"))))
+    worker.start()
+    deadline = time.time() + 300
+    while not store.read_window_log("long") and time.time() < deadline:
+        time.sleep(0.05)
+    victim = store.read_window_log("long")[0]["actor"]
+    ray.kill(ray.get_actor(victim), no_restart=True)
+    worker.join(timeout=600)
+    assert outcome.get("code") == 0
+
+    log = store.read_window_log("long")
+    attempts = {r["attempt"] for r in log}
+    assert attempts == {1, 2}, log  # it was interrupted, and resumed
+    assert [r["window"] for r in log] == sorted({r["window"] for r in log})  # every window rendered once
+    resumed_from = min(r["window"] for r in log if r["attempt"] == 2)
+    assert resumed_from > 0  # not from window 0
+    assert all(r["actor"] != victim for r in log if r["attempt"] == 2)
+    for row in store.read_results():
+        assert row["status"] == "done", row
+        original = next(r for r in undisturbed.read_results() if r["id"] == row["id"])
+        assert Path(row["output"]).read_bytes() == Path(original["output"]).read_bytes(), row["id"]
+
+
+def test_malformed_rows_get_reasons_and_the_rest_finish(ray_cluster, manifest, tmp_path):
+    folder = manifest.parent
+    (folder / "notes.wav").write_text("this is not audio")
+    rows = [
+        {"id": "good", "image": "face.png", "audio": "a.wav"},
+        {"id": "missing", "image": "face.png", "audio": "nowhere.wav"},
+        {"id": "unreadable", "image": "face.png", "audio": "notes.wav"},
+        {"id": "typo", "image": "face.png", "audio": "d.wav", "stpes": 3},
+        {"id": "good", "image": "face.png", "audio": "d.wav", "output": "again.mp4"},
+        {"id": "fine", "image": "face.png", "audio": "d.wav"},
+    ]
+    bad = folder / "bad.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    store = RunStore(str(tmp_path / "run"))
+    assert run(config(f"manifest={bad}", f"storage.root={store.url}")) == 1  # some rows failed
+    results = {r["id"]: r for r in store.read_results()}
+    assert results["good"]["status"] == results["fine"]["status"] == "done"
+    assert "nowhere.wav" in results["missing"]["error"]
+    assert "notes.wav" in results["unreadable"]["error"]
+    assert "unknown column 'stpes'" in results["typo"]["error"]
+    duplicate = [r for key, r in results.items() if key not in ("good", "fine", "missing", "unreadable", "typo")]
+    assert len(duplicate) == 1 and duplicate[0]["id"] == "good (row 5)" and "repeats row 1" in duplicate[0]["error"]
