@@ -24,9 +24,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.color import METHODS
 from pipeline.job import RenderSettings
+from pipeline.kernels import fp8
 from pipeline.kernels.attention import BACKENDS as ATTENTION_BACKENDS
 from pipeline.kernels.attention import get_attention
-from pipeline.kernels import fp8
 from pipeline.media import choose_size
 from pipeline.models.checkpoints import CheckpointPaths, Precision, parse_dtype
 from pipeline.models.tiny import write_tiny_checkpoints

@@ -15,6 +15,7 @@ The scheduler's memory is a cache: everything a job needs to resume is in the Ru
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import ray
@@ -66,7 +67,7 @@ class Scheduler:
     run_root: str
     resources: Resources
     progress: Progress
-    on_result: callable  # called with each finished or failed row (dict)
+    on_result: Callable[[dict], None]  # called with each finished or failed row
     encoders: list = field(default_factory=list)
     renderers: dict = field(default_factory=dict)  # name -> actor handle
     failures: dict = field(default_factory=dict)  # renderer name -> consecutive failures
@@ -97,18 +98,19 @@ class Scheduler:
 
     def run(self, rows: list[tuple[ManifestRow, RenderSettings]]) -> None:
         to_encode = deque(Task(row, settings) for row, settings in rows)
-        encoding: dict = {}  # meta ref -> task
+        encoding: dict = {}  # meta ref -> (task, encoder slot)
         ready: list[Task] = []  # encoded, waiting for a renderer, longest first
         rendering: dict = {}  # generator -> (task, renderer name)
         finishing: dict = {}  # ref -> task
         idle = list(self.renderers)
         self.progress.start(len(rows))
 
-        def fail_or_retry(task: Task, error: BaseException) -> None:
+        def fail_or_retry(task: Task, error: BaseException, context: str = "") -> None:
             cause = error.cause if isinstance(error, RayTaskError) else error
             task.attempts += 1
             if isinstance(cause, PERMANENT) or task.attempts > self.resources.max_retries:
                 reason = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
+                reason = f"{context}: {reason}" if context else reason
                 self.progress.job_failed(task.id, reason)
                 self.on_result(self._row(task, "failed", error=reason))
             else:
@@ -118,9 +120,9 @@ class Scheduler:
         while to_encode or encoding or ready or rendering or finishing:
             while to_encode and len(encoding) + len(ready) < self.resources.max_in_flight:
                 task = to_encode.popleft()
-                encoder = self.encoders[len(encoding) % len(self.encoders)]
-                meta, task.inputs = encoder.encode.remote(task.row.job, task.settings)
-                encoding[meta] = task
+                slot = len(encoding) % len(self.encoders)
+                meta, task.inputs = self.encoders[slot].encode.remote(task.row.job, task.settings)
+                encoding[meta] = (task, slot)
             ready.sort(key=lambda t: -t.meta["frames"])
             while idle and ready:
                 task, name = ready.pop(0), idle.pop(0)
@@ -131,13 +133,18 @@ class Scheduler:
             done, _ = ray.wait([*encoding, *rendering, *finishing], num_returns=1, timeout=1.0)
             for ref in done:
                 if ref in encoding:
-                    task = encoding.pop(ref)
+                    task, slot = encoding.pop(ref)
                     try:
                         task.meta = ray.get(ref)
                         ready.append(task)
                     except Exception as error:  # noqa: BLE001 - every failure becomes the row's reason
+                        context = ""
+                        if isinstance(error, RayActorError):
+                            log.warning("replacing encoder %d: it died while encoding %s", slot, task.id)
+                            self.encoders[slot] = Encoder.options(**self.resources.encoder).remote(self.spec)
+                            context = f"encoder {slot} died"
                         task.inputs = None
-                        fail_or_retry(task, error)
+                        fail_or_retry(task, error, context)
                 elif ref in rendering:
                     task, name = rendering[ref]
                     try:
@@ -152,8 +159,8 @@ class Scheduler:
                         finishing[finish.remote(task.row.job, task.inputs, task.row.output, self.run_root)] = task
                     except RayActorError as error:
                         rendering.pop(ref)
-                        idle.append(self._replace(name, f"it died while rendering {task.id}") if name in self.renderers else self._spawn_renderer())
-                        fail_or_retry(task, error)
+                        idle.append(self._replace(name, f"it died while rendering {task.id}"))
+                        fail_or_retry(task, error, f"{name} died after window {task.windows_done}")
                     except Exception as error:  # noqa: BLE001
                         rendering.pop(ref)
                         self.failures[name] += 1

@@ -129,3 +129,21 @@ def test_malformed_rows_get_reasons_and_the_rest_finish(ray_cluster, manifest, t
     assert "unknown column 'stpes'" in results["typo"]["error"]
     duplicate = [r for key, r in results.items() if key not in ("good", "fine", "missing", "unreadable", "typo")]
     assert len(duplicate) == 1 and duplicate[0]["id"] == "good (row 5)" and "repeats row 1" in duplicate[0]["error"]
+
+
+def test_past_its_retry_budget_a_job_fails_with_the_reason(ray_cluster, manifest, tmp_path):
+    store = RunStore(str(tmp_path / "run"))
+    outcome = {}
+    overrides = (f"manifest={manifest}", f"storage.root={store.url}", "cluster.max_retries=0")
+    worker = threading.Thread(target=lambda: outcome.setdefault("code", run(config(*overrides))))
+    worker.start()
+    deadline = time.time() + 300
+    while not store.read_window_log("long") and time.time() < deadline:
+        time.sleep(0.05)
+    ray.kill(ray.get_actor(store.read_window_log("long")[0]["actor"]), no_restart=True)
+    worker.join(timeout=600)
+    assert outcome.get("code") == 1
+    results = {r["id"]: r for r in store.read_results()}
+    assert results["long"]["status"] == "failed" and "died" in results["long"]["error"], results["long"]
+    assert all(results[job]["status"] == "done" for job in JOBS if job != "long")
+    assert store.load_state("long").next_window >= 1  # the finished windows are kept for a re-run

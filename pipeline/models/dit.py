@@ -292,6 +292,12 @@ class AudioCrossAttention(nn.Module):
         candidates = torch.cat([speakers, background], dim=1)
         return candidates.gather(1, ref_map.argmax(dim=1, keepdim=True)).squeeze(1)
 
+    def reference_map(self, q, k, token_masks):
+        """`reference_attention_map` of the block's self-attention q, k (k's first h*w tokens are latent
+        frame 0). A method so that sequence parallelism (pipeline/parallel.py) can bring frame 0's keys
+        from the rank that holds them."""
+        return reference_attention_map(q, k, token_masks, token_masks.shape[1])
+
     def forward(self, x, audio_tokens, frames: int, ref_map=None):
         """x [B, L, D]; audio_tokens [B, F, S*tokens, C_audio]; ref_map [B, 3, L] when S == 2."""
         b, length, dim = x.shape
@@ -365,7 +371,7 @@ class Block(nn.Module):
 
         ref_map = None
         if token_masks is not None:
-            ref_map = reference_attention_map(q.to(dtype), k.to(dtype), token_masks, x.shape[1] // frames)
+            ref_map = self.audio_cross_attn.reference_map(q.to(dtype), k.to(dtype), token_masks)
         x = x + self.audio_cross_attn(self.norm_x(x), audio_tokens, frames, ref_map)
 
         y = self.ffn(modulate(layer_norm(x, self.eps), shift_f, scale_f).to(dtype))
