@@ -134,7 +134,7 @@ class WindowRenderer:
     def __init__(self, models: Models, inputs: JobInputs, settings: RenderSettings, seed: int):
         self.dit, self.vae = models.dit, models.vae
         self.inputs, self.settings, self.seed = inputs, settings, seed
-        self.device = next(self.dit.parameters()).device
+        self.device = self.dit.patch_embedding.weight.device  # outside the blocks: never offloaded
         self.dtype = self.dit.patch_embedding.weight.dtype
         self.passes = guidance_passes(settings.text_scale, settings.audio_scale)
         self.sde_generator = torch.Generator().manual_seed(window_seed(seed, 0, 1))
@@ -149,7 +149,7 @@ class WindowRenderer:
         """
         if ref_index not in self._conditioning:
             ref = self.inputs.references[ref_index]
-            video = torch.zeros(1, 3, max(length, self.settings.window), *ref.shape[-2:])
+            video = torch.zeros(1, 3, max(length, self.settings.window), *ref.shape[-2:], device=self.vae.device)
             video[0, :, 0] = ref
             self._conditioning[ref_index] = self.vae.encode(video)
         latent = self._conditioning[ref_index][:, :, : latent_frames(length)]

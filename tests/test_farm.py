@@ -4,6 +4,7 @@ finished rows, and malformed rows get their reasons while the rest finish."""
 
 import json
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -147,3 +148,41 @@ def test_past_its_retry_budget_a_job_fails_with_the_reason(ray_cluster, manifest
     assert results["long"]["status"] == "failed" and "died" in results["long"]["error"], results["long"]
     assert all(results[job]["status"] == "done" for job in JOBS if job != "long")
     assert store.load_state("long").next_window >= 1  # the finished windows are kept for a re-run
+
+
+def test_ctrl_c_stops_cleanly_keeps_the_state_and_a_rerun_resumes(manifest, tmp_path):
+    root = tmp_path / "run"
+    command = ["talkfarm", f"manifest={manifest}", f"storage.root={root}", *FAST]
+    output = tmp_path / "output.log"  # a file, not a pipe: a full pipe would stall the run
+    interrupted = subprocess.Popen(command, stdout=output.open("w"), stderr=subprocess.STDOUT)
+    store = RunStore(str(root))
+    deadline = time.time() + 300
+    while not store.read_window_log("long") and time.time() < deadline:
+        time.sleep(0.05)
+    interrupted.send_signal(signal.SIGINT)
+    assert interrupted.wait(timeout=120) == 130
+    assert "run the same command again to resume" in output.read_text()
+    kept = store.load_state("long").next_window
+    assert kept >= 1
+
+    assert subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
+    assert all(r["status"] == "done" for r in store.read_results())
+    windows = [r["window"] for r in store.read_window_log("long")]
+    assert windows == sorted(set(windows))  # each window once: the re-run went on from where it stopped
+
+
+def test_a_renderer_whose_jobs_keep_failing_is_replaced(ray_cluster, manifest, tmp_path, caplog):
+    one = manifest.parent / "one.jsonl"
+    one.write_text(json.dumps({"id": "a", "image": "face.png", "audio": "a.wav"}) + "\n")
+    store = RunStore(str(tmp_path / "run"))
+    store.save_config("")
+    # a state file that cannot be read: every attempt fails inside the renderer
+    (tmp_path / "run" / "jobs" / "a").mkdir(parents=True)
+    (tmp_path / "run" / "jobs" / "a" / "state.json").write_text("{not json")
+    overrides = (f"manifest={one}", f"storage.root={store.url}", "cluster.max_retries=1", "cluster.actor_failure_limit=1")
+    with caplog.at_level("WARNING", logger="farm.scheduler"):
+        assert run(config(*overrides)) == 1
+    replaced = [r.getMessage() for r in caplog.records if r.getMessage().startswith("replacing renderer-")]
+    assert len(replaced) == 2 and all("1 jobs failed in a row" in m for m in replaced), replaced
+    row = store.read_results()[0]
+    assert row["status"] == "failed" and row["attempts"] == 2, row
