@@ -911,5 +911,5 @@ def test_docs_cover_every_overlay_and_long_job_submission():
     text = DOCS.read_text()
     for name in OVERLAYS:
         assert f"k8s/overlays/{name}" in text, name
-    for phrase in ("ray job submit", "--no-wait", "ray job status", "ray job logs", "--follow", "talkfarm submit"):
+    for phrase in ("ray job submit", "--no-wait", "ray job status", "ray job logs", "--follow"):
         assert phrase in text, phrase
