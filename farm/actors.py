@@ -9,21 +9,32 @@ import socket
 import tempfile
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import ray
 import torch
+import torch.distributed as dist
 
+from farm.config import MemorySettings
 from farm.localize import local_copies
 from farm.storage import RunStore
 from pipeline import media
 from pipeline.job import Job, RenderSettings
+from pipeline.kernels import fp8
 from pipeline.kernels.attention import apply_attention
+from pipeline.kernels.compile import check_compile, compile_blocks
+from pipeline.kernels.offload import check_offload, offload_blocks
 from pipeline.models.checkpoints import CheckpointPaths, Models, Precision, load_models
 from pipeline.models.tiny import write_tiny_checkpoints
+from pipeline.parallel import apply_sequence_parallel
 from pipeline.render import JobInputs, ResumeState, encode_job, finish_job, plan_for, render_windows
 
 log = logging.getLogger(__name__)
+
+# A group member that stops answering (its peer died) gives up after this long; the driver replaces
+# the whole group as soon as it sees a member die, so this only bounds a hang.
+GROUP_TIMEOUT = timedelta(minutes=5)
 
 
 @dataclass(frozen=True)
@@ -37,6 +48,7 @@ class ModelSpec:
     quant: str = "none"  # the DiT's quantisation (pipeline.kernels.fp8 modes)
     cpu_threads: int | None = None  # torch threads per actor on a CPU-only machine
     tiny: bool = False  # the tiny set is written where the actor runs (pods do not share the driver's disk)
+    memory: MemorySettings = MemorySettings()  # compile, offload, VAE tiling, the encoders' device
 
 
 def _prepare(spec: ModelSpec) -> None:
@@ -45,6 +57,36 @@ def _prepare(spec: ModelSpec) -> None:
         torch.set_num_threads(spec.cpu_threads)
     if spec.tiny:
         write_tiny_checkpoints(spec.paths.wan_dir.parent)
+
+
+def load_renderer_models(spec: ModelSpec) -> Models:
+    """The DiT and the VAE on spec.device, as spec.memory says. With offload the DiT is loaded into host
+    memory (it need not fit on the GPU) and its blocks are then kept there, page-locked, and streamed;
+    fp8 GEMMs need the GPU only to run, so their layers are loaded as fp8_weights and switched after."""
+    memory, quant = spec.memory, None if spec.quant == "none" else spec.quant
+    if memory.offload:  # the kernel checks first, not after minutes of loading
+        check_offload(spec.device)
+    if memory.compile:
+        check_compile(spec.device)
+    if not memory.offload:
+        models = load_models(spec.paths, spec.precision, spec.device, ["dit", "vae"], memory.vae_tiling, quant)
+        return _apply(models, spec)
+    if quant == "fp8":
+        fp8.check_mode(quant, spec.device)
+    dit = load_models(spec.paths, spec.precision, "cpu", ["dit"], dit_quant=quant and "fp8_weights").dit
+    if quant == "fp8":
+        fp8.apply_fp8(dit, quant, spec.device)
+    offload_blocks(dit, spec.device, memory.offload_ahead)
+    vae = load_models(spec.paths, spec.precision, spec.device, ["vae"], vae_tiling=memory.vae_tiling).vae
+    return _apply(Models(dit=dit, vae=vae), spec)
+
+
+def _apply(models: Models, spec: ModelSpec) -> Models:
+    apply_attention(models.dit, spec.attention, spec.device)
+    if spec.memory.compile:  # after the attention backend, which the compiled graph holds
+        compile_blocks(models.dit, spec.device)
+    log.info("renderer memory settings: %s", spec.memory)
+    return models
 
 
 class CachedPrompts:
@@ -64,7 +106,8 @@ class CachedPrompts:
 class Encoder:
     def __init__(self, spec: ModelSpec):
         _prepare(spec)
-        loaded = load_models(spec.paths, spec.precision, spec.device, components=["t5", "clip", "wav2vec"])
+        device = spec.memory.encoder_device or spec.device
+        loaded = load_models(spec.paths, spec.precision, device, components=["t5", "clip", "wav2vec"])
         self.models = Models(t5=CachedPrompts(loaded.t5), clip=loaded.clip, wav2vec=loaded.wav2vec)
 
     @ray.method(num_returns=2)
@@ -77,24 +120,33 @@ class Encoder:
 
 @ray.remote
 class Renderer:
-    def __init__(self, spec: ModelSpec, run_root: str, name: str):
+    """One GPU's renderer, or one member (`rank` of `world`) of a sequence-parallel group: the group's
+    members run the same window loop in lockstep (pipeline.parallel), rank 0 stores and reports."""
+
+    def __init__(self, spec: ModelSpec, run_root: str, name: str, rank: int = 0, world: int = 1, rendezvous: str = ""):
         _prepare(spec)
-        self.name = name
-        quant = None if spec.quant == "none" else spec.quant
-        self.models = load_models(spec.paths, spec.precision, spec.device, ["dit", "vae"], dit_quant=quant)
-        apply_attention(self.models.dit, spec.attention, spec.device)
+        self.name, self.rank = name, rank
+        self.models = load_renderer_models(spec)
+        if world > 1:
+            backend = "nccl" if spec.device == "cuda" else "gloo"
+            dist.init_process_group(backend, init_method=rendezvous, rank=rank, world_size=world, timeout=GROUP_TIMEOUT)
+            apply_sequence_parallel(self.models.dit)
         self.store = RunStore(run_root)
-        self.scratch = Path(tempfile.mkdtemp(prefix=f"talkfarm-{name}-"))
+        self.scratch = Path(tempfile.mkdtemp(prefix=f"talkfarm-{name}-{rank}-"))
 
     def render(self, job: Job, inputs: JobInputs, settings: RenderSettings, attempt: int):
         """Render the job from its last stored window on; yields a progress event after every window
-        (a streaming generator, so the driver sees progress while the job runs)."""
+        (a streaming generator, so the driver sees progress while the job runs). Ranks > 0 of a
+        group compute along and yield nothing."""
         stored = self.store.load_state(job.id)
         names = list(stored.segments) if stored else []
         state = stored or ResumeState()
         workdir = self.scratch / job.id
         started = time.time()
         for report in render_windows(self.models, job, inputs, settings, workdir, state):
+            if self.rank > 0:
+                Path(report.state.segments[-1]).unlink()
+                continue
             names.append(self.store.put_segment(job.id, report.state.segments[-1]))
             self.store.save_state(job.id, report.state, names)
             finished = time.time()

@@ -6,7 +6,7 @@ conf/*.yaml. They are registered in Hydra's ConfigStore and conf/config.yaml com
 so the composed config is in OmegaConf's struct mode: an unknown key or a wrong type fails while
 composing, naming the key. `validate` then checks the values (ranges, names the pipeline knows) with
 the pipeline's own validators, and the converters hand the driver the pipeline's dataclasses
-(RenderSettings, CheckpointPaths, Precision), which is all an actor ever sees of the config.
+(RenderSettings, CheckpointPaths, Precision, MemorySettings), which is all an actor ever sees of the config.
 """
 
 import contextlib
@@ -27,9 +27,12 @@ from pipeline.job import RenderSettings
 from pipeline.kernels import fp8
 from pipeline.kernels.attention import BACKENDS as ATTENTION_BACKENDS
 from pipeline.kernels.attention import get_attention
+from pipeline.kernels.compile import check_compile
+from pipeline.kernels.offload import check_offload
 from pipeline.media import choose_size
 from pipeline.models.checkpoints import CheckpointPaths, Precision, parse_dtype
 from pipeline.models.tiny import write_tiny_checkpoints
+from pipeline.models.vae import SPATIAL_FACTOR, VAETiling
 from pipeline.sampler import SCHEDULERS, flow_sigmas
 from pipeline.windows import plan_windows
 
@@ -98,6 +101,27 @@ class AttentionConfig:
 
 
 @dataclass
+class VAETilingConfig:
+    """pipeline.models.vae.VAETiling, in pixels: tiles overlap by tile - stride and are blended."""
+
+    tile_height: int
+    tile_width: int
+    stride_height: int
+    stride_width: int
+
+
+@dataclass
+class MemoryConfig:
+    """Where the weights live and what trades speed for memory (pipeline/kernels/compile.py, offload.py)."""
+
+    compile: bool  # torch.compile each DiT block (one graph shared by all)
+    offload: bool  # DiT blocks in page-locked host memory, streamed to the GPU (CUDA only)
+    offload_ahead: int  # with offload: blocks copied to the GPU ahead of their use
+    vae_tiling: VAETilingConfig | None  # null: untiled VAE (exact, fastest); tiles save memory, cost time
+    encoder_device: str | None  # T5, CLIP, wav2vec2: null on model.device, or cpu (off the GPU)
+
+
+@dataclass
 class SamplerConfig:
     scheduler: str  # pipeline.sampler.SCHEDULERS
     steps: int  # DiT evaluations per window (times the guidance passes)
@@ -123,6 +147,7 @@ class ClusterConfig:
     max_retries: int  # per job, after failures a retry can help
     actor_failure_limit: int  # failures in a row before a renderer is replaced
     max_in_flight: int | None  # jobs encoded or rendering at once; null: 2 per renderer
+    sp_degree: int  # GPUs per renderer: >1 splits each window's DiT over a group (sequence parallel)
 
 
 @dataclass
@@ -166,6 +191,7 @@ class Config:
     output: OutputConfig
     model: ModelConfig  # a TinyModel or an InfiniteTalk14B, by the model= choice
     quant: QuantConfig
+    memory: MemoryConfig
     attention: AttentionConfig
     sampler: SamplerConfig
     window: WindowConfig
@@ -207,6 +233,7 @@ def validate(cfg: DictConfig) -> None:
         )
     for key, minimum in [
         ("renderers", 1), ("encoders", 1), ("max_retries", 0), ("actor_failure_limit", 1), ("max_in_flight", 1),
+        ("sp_degree", 1),
     ]:
         if cluster[key] is not None and cluster[key] < minimum:
             raise ConfigError(f"cluster.{key}: {cluster[key]} is less than {minimum}")
@@ -229,6 +256,7 @@ def validate(cfg: DictConfig) -> None:
                 fp8.check_mode(cfg.quant.mode, "cuda" if model.device != "cpu" and torch.cuda.is_available() else "cpu")
     else:
         _one_of("attention.backend", cfg.attention.backend, [*ATTENTION_BACKENDS, "auto"])
+    _check_memory(cfg)
 
     # The pipeline checks a field in the company of others; vary one field at a time, the rest fixed
     # at values that always pass, so that an error names the field it is about.
@@ -250,6 +278,35 @@ def validate(cfg: DictConfig) -> None:
     low, high = CRF_RANGE
     if not low <= output.crf <= high:
         raise ConfigError(f"output.crf: {output.crf} is not in [{low}, {high}]")
+
+
+def _check_memory(cfg: DictConfig) -> None:
+    memory = cfg.memory
+    if memory.offload_ahead < 0:
+        raise ConfigError(f"memory.offload_ahead: {memory.offload_ahead} is less than 0")
+    if memory.encoder_device not in (None, "cpu"):
+        raise ConfigError(f"memory.encoder_device: {memory.encoder_device!r} is not one of null (model.device), cpu")
+    if memory.offload and cfg.model.device == "cpu":
+        raise ConfigError("memory.offload: block offload streams weights to a GPU, and model.device is cpu")
+    tiling = memory.vae_tiling
+    if tiling is not None:
+        for axis in ("height", "width"):
+            tile, stride = tiling[f"tile_{axis}"], tiling[f"stride_{axis}"]
+            for key, value in ((f"tile_{axis}", tile), (f"stride_{axis}", stride)):
+                if value <= 0 or value % SPATIAL_FACTOR:
+                    raise ConfigError(f"memory.vae_tiling.{key}: {value} is not a positive multiple of "
+                                      f"{SPATIAL_FACTOR}")
+            if stride > tile:
+                raise ConfigError(f"memory.vae_tiling.stride_{axis}: {stride} is larger than tile_{axis} {tile}")
+    # As for the kernels above: with cluster=local the actors run here, so check this machine now.
+    if cfg.cluster.mode == "local":
+        device = "cuda" if cfg.model.device != "cpu" and torch.cuda.is_available() else "cpu"
+        if memory.offload:
+            with _naming("memory.offload"):
+                check_offload(device)
+        if memory.compile:
+            with _naming("memory.compile"):
+                check_compile(device)
 
 
 def _check_keys(node: DictConfig, prefix: str = "") -> None:
@@ -320,6 +377,29 @@ def checkpoint_paths(cfg: DictConfig) -> CheckpointPaths:
 def precision(cfg: DictConfig) -> Precision:
     p = cfg.model.precision
     return Precision(dit=p.dit, t5=p.t5, clip=p.clip, vae=p.vae)
+
+
+@dataclass(frozen=True)
+class MemorySettings:
+    """memory= as the actors apply it when they load (farm/actors.py): the defaults are no measures."""
+
+    compile: bool = False  # pipeline.kernels.compile.compile_blocks on the DiT
+    offload: bool = False  # pipeline.kernels.offload.offload_blocks on the DiT ...
+    offload_ahead: int = 2  # ... with this many blocks in flight ahead
+    vae_tiling: VAETiling | None = None  # load_models(vae_tiling=...)
+    encoder_device: str | None = None  # the Encoder actor's device (T5, CLIP, wav2vec2); None: the model's
+
+
+def memory_settings(cfg: DictConfig) -> MemorySettings:
+    memory = cfg.memory
+    tiling = memory.vae_tiling
+    return MemorySettings(
+        compile=memory.compile,
+        offload=memory.offload,
+        offload_ahead=memory.offload_ahead,
+        vae_tiling=None if tiling is None else VAETiling(**tiling),
+        encoder_device=memory.encoder_device,
+    )
 
 
 def run_root(cfg: DictConfig) -> str:

@@ -12,7 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from farm.actors import ModelSpec
-from farm.config import TinyModel, checkpoint_paths, precision, render_settings, run_root
+from farm.config import TinyModel, checkpoint_paths, memory_settings, precision, render_settings, run_root
 from farm.manifest import read_manifest, settings_for, single_job
 from farm.progress import Progress
 from farm.scheduler import Resources, Scheduler
@@ -88,7 +88,7 @@ def _gpus() -> int:
 
 def _local_resources(cfg) -> dict:
     """An in-process Ray: logical CPUs for every worker we start (actors mostly wait on torch)."""
-    renderers = cfg.cluster.renderers or torch.cuda.device_count() or CPU_RENDERERS
+    renderers = (cfg.cluster.renderers or torch.cuda.device_count() or CPU_RENDERERS) * cfg.cluster.sp_degree
     return {"num_cpus": max(os.cpu_count() or 1, renderers + cfg.cluster.encoders + 2)}
 
 
@@ -97,23 +97,31 @@ def _model_spec(cfg) -> ModelSpec:
     device = "cuda" if (cfg.model.device == "cuda" or (cfg.model.device == "auto" and gpus)) else "cpu"
     if device == "cuda" and not gpus:
         raise RuntimeError("model.device=cuda but the Ray cluster has no GPUs")
-    renderers = cfg.cluster.renderers or gpus or CPU_RENDERERS
-    threads = None if device == "cuda" else max(1, (os.cpu_count() or 1) // (renderers + cfg.cluster.encoders))
+    actors = (cfg.cluster.renderers or gpus or CPU_RENDERERS) * cfg.cluster.sp_degree + cfg.cluster.encoders
+    threads = None if device == "cuda" else max(1, (os.cpu_count() or 1) // actors)
     tiny = issubclass(OmegaConf.get_type(cfg.model), TinyModel)
     return ModelSpec(
-        checkpoint_paths(cfg), precision(cfg), device, cfg.attention.backend, cfg.quant.mode, threads, tiny
+        checkpoint_paths(cfg), precision(cfg), device, cfg.attention.backend, cfg.quant.mode, threads, tiny,
+        memory_settings(cfg),
     )
 
 
 def _resources(cfg) -> Resources:
-    gpus = _gpus()
-    renderers = cfg.cluster.renderers or gpus or CPU_RENDERERS
+    """Renderers of sp_degree GPUs each; GPUs left over become single-GPU renderers (so a run mixes
+    groups and single GPUs). Without GPUs: `renderers` (default 2) renderers of sp_degree CPU actors."""
+    gpus, g = _gpus(), cfg.cluster.sp_degree
+    if cfg.cluster.renderers:
+        sizes = [g] * cfg.cluster.renderers
+    elif gpus:
+        sizes = [g] * (gpus // g) + [1] * (gpus % g)
+    else:
+        sizes = [g] * CPU_RENDERERS
     return Resources(
-        renderer={"num_gpus": 1} if gpus else {"num_cpus": 1},
+        renderer={"CPU": 1, "GPU": 1} if gpus else {"CPU": 1},
         encoder={"num_cpus": 1},
-        renderers=renderers,
+        group_sizes=sizes,
         encoders=cfg.cluster.encoders,
-        max_in_flight=cfg.cluster.max_in_flight or 2 * renderers,
+        max_in_flight=cfg.cluster.max_in_flight or 2 * len(sizes),
         max_retries=cfg.cluster.max_retries,
         actor_failure_limit=cfg.cluster.actor_failure_limit,
     )

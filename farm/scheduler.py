@@ -14,12 +14,15 @@ The scheduler's memory is a cache: everything a job needs to resume is in the Ru
 
 import logging
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from farm.actors import Encoder, ModelSpec, Renderer, finish
 from farm.manifest import ManifestRow
@@ -36,9 +39,9 @@ PERMANENT = (JobError, MediaError)  # wrong inputs: retrying cannot help
 class Resources:
     """Ray resources per worker kind (GPUs on a GPU cluster, CPUs otherwise)."""
 
-    renderer: dict
+    renderer: dict  # Ray resources of one renderer actor (a member of a group): {"CPU": 1[, "GPU": 1]}
     encoder: dict
-    renderers: int
+    group_sizes: list[int]  # one renderer per entry, of that many GPUs (1: a plain renderer)
     encoders: int
     max_in_flight: int
     max_retries: int
@@ -69,38 +72,66 @@ class Scheduler:
     progress: Progress
     on_result: Callable[[dict], None]  # called with each finished or failed row
     encoders: list = field(default_factory=list)
-    renderers: dict = field(default_factory=dict)  # name -> actor handle
+    renderers: dict = field(default_factory=dict)  # name -> the actors of the renderer, rank 0 first
+    placement: dict = field(default_factory=dict)  # name -> placement group (renderers of several GPUs)
     failures: dict = field(default_factory=dict)  # renderer name -> consecutive failures
     _spawned: int = 0
 
     def start(self) -> None:
         self.encoders = [Encoder.options(**self.resources.encoder).remote(self.spec) for _ in range(self.resources.encoders)]
-        for _ in range(self.resources.renderers):
-            self._spawn_renderer()
+        for size in self.resources.group_sizes:
+            self._spawn_renderer(size)
 
     def stop(self) -> None:
-        for actor in [*self.encoders, *self.renderers.values()]:
+        for name in list(self.renderers):
+            self._kill(name)
+        for actor in self.encoders:
             ray.kill(actor, no_restart=True)
-        self.encoders, self.renderers = [], {}
+        self.encoders = []
 
-    def _spawn_renderer(self) -> str:
+    def _spawn_renderer(self, size: int) -> str:
+        """A renderer of `size` GPUs: one actor, or a group packed on one node (STRICT_PACK) that meets
+        through a file in that node's /tmp and splits each forward (pipeline.parallel)."""
         name = f"renderer-{self._spawned}"
         self._spawned += 1
-        self.renderers[name] = Renderer.options(name=name, **self.resources.renderer).remote(self.spec, self.run_root, name)
+        if size == 1:
+            self.renderers[name] = [Renderer.options(name=name, **self._renderer_options()).remote(self.spec, self.run_root, name)]
+        else:
+            group = placement_group([dict(self.resources.renderer)] * size, strategy="STRICT_PACK")
+            rendezvous = f"file:///tmp/talkfarm-{uuid.uuid4().hex}"
+            self.placement[name] = group
+            self.renderers[name] = [
+                Renderer.options(
+                    name=name if rank == 0 else f"{name}-rank{rank}", **self._renderer_options(),
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank),
+                ).remote(self.spec, self.run_root, name, rank, size, rendezvous)
+                for rank in range(size)
+            ]
         self.failures[name] = 0
         return name
 
+    def _renderer_options(self) -> dict:
+        return {"num_cpus": self.resources.renderer["CPU"], "num_gpus": self.resources.renderer.get("GPU", 0)}
+
+    def _kill(self, name: str) -> None:
+        for actor in self.renderers.pop(name):
+            ray.kill(actor, no_restart=True)
+        if name in self.placement:
+            remove_placement_group(self.placement.pop(name))
+        self.failures.pop(name, None)
+
     def _replace(self, name: str, reason: str) -> str:
         log.warning("replacing %s: %s", name, reason)
-        ray.kill(self.renderers.pop(name), no_restart=True)
-        self.failures.pop(name, None)
-        return self._spawn_renderer()
+        size = len(self.renderers[name])
+        self._kill(name)
+        return self._spawn_renderer(size)
 
     def run(self, rows: list[tuple[ManifestRow, RenderSettings]]) -> None:
         to_encode = deque(Task(row, settings) for row, settings in rows)
         encoding: dict = {}  # meta ref -> (task, encoder slot)
         ready: list[Task] = []  # encoded, waiting for a renderer, longest first
-        rendering: dict = {}  # generator -> (task, renderer name)
+        rendering: dict = {}  # rank 0's generator -> (task, renderer name)
+        followers: dict = {}  # the other ranks' generators of a group -> renderer name
         finishing: dict = {}  # ref -> task
         idle = list(self.renderers)
         self.progress.start(len(rows))
@@ -117,7 +148,7 @@ class Scheduler:
                 log.warning("job %s: attempt %d failed (%s); retrying", task.id, task.attempts, type(cause).__name__)
                 to_encode.appendleft(task) if task.inputs is None else ready.insert(0, task)
 
-        while to_encode or encoding or ready or rendering or finishing:
+        while to_encode or encoding or ready or rendering or followers or finishing:
             while to_encode and len(encoding) + len(ready) < self.resources.max_in_flight:
                 task = to_encode.popleft()
                 slot = len(encoding) % len(self.encoders)
@@ -127,10 +158,18 @@ class Scheduler:
             while idle and ready:
                 task, name = ready.pop(0), idle.pop(0)
                 task.actor, task.started = name, task.started or time.time()
-                gen = self.renderers[name].render.remote(task.row.job, task.inputs, task.settings, task.attempts + 1)
-                rendering[gen] = (task, name)
+                leader, *others = (
+                    member.render.remote(task.row.job, task.inputs, task.settings, task.attempts + 1)
+                    for member in self.renderers[name]
+                )
+                rendering[leader] = (task, name)
+                followers |= {gen: name for gen in others}
 
-            done, _ = ray.wait([*encoding, *rendering, *finishing], num_returns=1, timeout=1.0)
+            def drop_followers(name: str) -> None:
+                for gen in [g for g, n in followers.items() if n == name]:
+                    followers.pop(gen)
+
+            done, _ = ray.wait([*encoding, *rendering, *followers, *finishing], num_returns=1, timeout=1.0)
             for ref in done:
                 if ref in encoding:
                     task, slot = encoding.pop(ref)
@@ -145,6 +184,19 @@ class Scheduler:
                             context = f"encoder {slot} died"
                         task.inputs = None
                         fail_or_retry(task, error, context)
+                elif ref in followers:
+                    name = followers.pop(ref)
+                    try:
+                        ray.get(next(ref))  # followers yield nothing: StopIteration once their job is done
+                    except StopIteration:
+                        continue
+                    except Exception as error:  # noqa: BLE001 - a member died: the whole group goes
+                        leader = next((g for g, (_, n) in rendering.items() if n == name), None)
+                        drop_followers(name)
+                        idle.append(self._replace(name, "a member of its group died"))
+                        if leader is not None:
+                            task, _ = rendering.pop(leader)
+                            fail_or_retry(task, error, f"{name} lost a group member after window {task.windows_done}")
                 elif ref in rendering:
                     task, name = rendering[ref]
                     try:
@@ -159,12 +211,15 @@ class Scheduler:
                         finishing[finish.remote(task.row.job, task.inputs, task.row.output, self.run_root)] = task
                     except RayActorError as error:
                         rendering.pop(ref)
+                        drop_followers(name)
                         idle.append(self._replace(name, f"it died while rendering {task.id}"))
                         fail_or_retry(task, error, f"{name} died after window {task.windows_done}")
                     except Exception as error:  # noqa: BLE001
                         rendering.pop(ref)
+                        drop_followers(name)
                         self.failures[name] += 1
-                        if self.failures[name] >= self.resources.actor_failure_limit:
+                        if self.failures[name] >= self.resources.actor_failure_limit or len(self.renderers[name]) > 1:
+                            # a group's other members may be stuck in a collective: replace it whole
                             name = self._replace(name, f"{self.failures[name]} jobs failed in a row")
                         idle.append(name)
                         fail_or_retry(task, error)

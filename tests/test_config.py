@@ -61,10 +61,19 @@ OPTIONS = {
     ("window", "default"): {"window.frames": 117, "window.motion": 25},
     ("cluster", "local"): {"cluster.mode": "local", "cluster.address": None, "cluster.renderers": None,
                            "cluster.encoders": 1, "cluster.max_retries": 3, "cluster.actor_failure_limit": 3,
-                           "cluster.max_in_flight": None},
+                           "cluster.max_in_flight": None, "cluster.sp_degree": 1},
     ("cluster", "address"): {"cluster.mode": "address", "cluster.address": "auto", "cluster.encoders": 1,
                              "cluster.max_retries": 3},
     ("storage", "local"): {"storage.root": None},
+    ("memory", "none"): {"memory.compile": False, "memory.offload": False, "memory.vae_tiling": None,
+                         "memory.encoder_device": None, "quant.mode": "none"},
+    ("memory", "fast"): {"memory.compile": True, "memory.offload": False, "memory.vae_tiling": None,
+                         "memory.encoder_device": None, "quant.mode": "none"},
+    ("memory", "24gb"): {"memory.compile": True, "memory.offload": True, "memory.offload_ahead": 2,
+                         "memory.vae_tiling": None, "memory.encoder_device": "cpu", "quant.mode": "none"},
+    ("memory", "12gb"): {"memory.compile": True, "memory.offload": True, "memory.offload_ahead": 1,
+                         "memory.vae_tiling.tile_height": 256, "memory.encoder_device": "cpu",
+                         "quant.mode": "fp8_weights"},
     ("preset", "demo"): {"model.precision.dit": "fp32", "sampler.scheduler": "flowmatch_distill", "output.size": "128x128",
                          "window.frames": 33, "window.motion": 9},
 }
@@ -81,6 +90,9 @@ def test_each_option_composes_and_validates(group, option):
     if (group, option) == ("quant", "fp8") and not torch.cuda.is_available():
         with pytest.raises(ConfigError, match=r"^quant\.mode: .*compute capability >= 8\.9"):
             validate(cfg)  # fp8 GEMMs on a machine that cannot run them: refused at start-up
+    elif group == "memory" and OmegaConf.select(cfg, "memory.offload") and not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"^memory\.offload: block offload cannot run on cpu"):
+            validate(cfg)  # block offload streams to a GPU: refused at start-up without one
     else:
         validate(cfg)
     for key, expected in OPTIONS[group, option].items():
