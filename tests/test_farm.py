@@ -210,3 +210,13 @@ def test_a_sequence_parallel_group_renders_what_one_renderer_renders(ray_cluster
         assert row["status"] == "done" and row["frames"] == original["frames"]
         ours, theirs = media.read_video_frames(row["output"], fps=None), media.read_video_frames(original["output"], fps=None)
         assert (ours - theirs).abs().max() < 0.05, row["id"]  # fp32 sums in another order, then H.264
+
+
+@pytest.mark.parametrize("gpus, degree, sizes", [(8, 1, [1] * 8), (8, 2, [2] * 4), (5, 2, [2, 2, 1]), (3, 4, [1, 1, 1])])
+def test_gpus_make_groups_of_sp_degree_and_the_rest_single_renderers(monkeypatch, gpus, degree, sizes):
+    import farm.run
+
+    monkeypatch.setattr(farm.run, "_gpus", lambda: gpus)
+    resources = farm.run._resources(config(f"cluster.sp_degree={degree}", "cluster.renderers=null"))
+    assert resources.group_sizes == sizes
+    assert resources.renderer == {"CPU": 1, "GPU": 1}
