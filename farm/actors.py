@@ -4,7 +4,6 @@ after job; everything a job produces is written through the RunStore as it is pr
 """
 
 import logging
-import os
 import socket
 import tempfile
 import time
@@ -157,9 +156,6 @@ class Renderer:
             Path(report.state.segments[-1]).unlink()
             started = finished
             yield {"job": job.id, "window": report.window.index + 1, "windows": report.windows, "actor": self.name}
-
-    def pid(self) -> int:
-        return os.getpid()
 
 
 @ray.remote(num_cpus=1)
