@@ -25,7 +25,7 @@ from pipeline.models.audio import SAMPLE_RATE, loudness_normalize
 from pipeline.models.checkpoints import Models
 from pipeline.models.dit import pad_text
 from pipeline.models.vae import latent_frames
-from pipeline.sampler import APG, COND, DROP_AUDIO, DROP_TEXT, UNCOND, guidance_passes, guide, make_sampler
+from pipeline.sampler import APG, COND, DROP_AUDIO, DROP_TEXT, guidance_passes, guide, make_sampler
 from pipeline.speakers import arrange_speakers, speaker_masks
 from pipeline.windows import FPS, Window, frames_for_duration, pad_features, plan_windows, total_frames, window_audio
 

@@ -21,21 +21,9 @@ from pipeline.models.checkpoints import (
 from pipeline.models.tiny import write_tiny_checkpoints
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> CheckpointPaths:
-    return write_tiny_checkpoints(tmp_path_factory.mktemp("tiny"))
-
-
-def shard_state(paths: CheckpointPaths) -> dict[str, torch.Tensor]:
-    state = {}
-    for shard in sorted(paths.wan_dir.glob("diffusion_pytorch_model-*.safetensors")):
-        state |= load_file(shard)
-    return state
-
-
 def test_same_seed_same_bytes(tmp_path):
     a = write_tiny_checkpoints(tmp_path / "a", seed=0)
-    b = write_tiny_checkpoints(tmp_path / "b", seed=0)
+    write_tiny_checkpoints(tmp_path / "b", seed=0)
     c = write_tiny_checkpoints(tmp_path / "c", seed=1)
     files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
     files_b = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*") if p.is_file())
@@ -59,10 +47,10 @@ def test_official_layout_on_disk(tiny):
     assert any(k.startswith("textual.") for k in torch.load(tiny.clip(), weights_only=True))
 
 
-def test_all_components_load_and_the_dit_holds_the_file_tensors(tiny):
+def test_all_components_load_and_the_dit_holds_the_file_tensors(tiny, tiny_dit_state):
     models = load_models(tiny, Precision(dit="fp32", t5="fp32", clip="fp32", vae="fp32"))
     assert models.loaded() == list(Models.COMPONENTS)
-    state = shard_state(tiny) | load_file(tiny.infinitetalk)
+    state = tiny_dit_state
     loaded = models.dit.state_dict()
     assert loaded.keys() == state.keys()
     for key, tensor in state.items():
@@ -157,10 +145,9 @@ def test_pth_is_never_unpickled_beyond_tensors(tmp_path):
         load_vae(evil)
 
 
-def comfy_single_file(tiny: CheckpointPaths, path: Path) -> dict[str, torch.Tensor]:
+def comfy_single_file(state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
     """A ComfyUI-style fp8 file: prefixed original names, e4m3fn 2-D weights with per-output-channel
     `scale_weight`, a `scaled_fp8` marker, the audio modules merged in. Returns the de-quantised truth."""
-    state = shard_state(tiny) | load_file(tiny.infinitetalk)
     out, truth = {"scaled_fp8": torch.zeros(0, dtype=torch.float8_e4m3fn)}, {}
     for key, tensor in state.items():
         name = "model.diffusion_model." + key
@@ -175,9 +162,9 @@ def comfy_single_file(tiny: CheckpointPaths, path: Path) -> dict[str, torch.Tens
     return truth
 
 
-def test_comfyui_fp8_single_file_loads_dequantised(tiny, tmp_path):
+def test_comfyui_fp8_single_file_loads_dequantised(tiny, tiny_dit_state, tmp_path):
     single = tmp_path / "Wan2_1-I2V-14B-480P_fp8_e4m3fn.safetensors"
-    truth = comfy_single_file(tiny, single)
+    truth = comfy_single_file(tiny_dit_state, single)
     dit = load_dit([single], None, tiny.dit_config(), dtype=torch.float32)
     loaded = dit.state_dict()
     for key, tensor in truth.items():

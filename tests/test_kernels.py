@@ -10,7 +10,7 @@ import weakref
 import pytest
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from pipeline.kernels import KernelUnavailable, attention
 from pipeline.kernels.attention import (
@@ -20,9 +20,8 @@ from pipeline.kernels.attention import (
     sdpa_attention,
 )
 from pipeline.kernels.fp8 import FP8_KEEP, Fp8Linear, apply_fp8, quantise_weight
-from pipeline.models.checkpoints import CheckpointPaths, load_dit
+from pipeline.models.checkpoints import load_dit
 from pipeline.models.dit import DiTConfig, WanInfiniteTalkDiT
-from pipeline.models.tiny import write_tiny_checkpoints
 
 CFG = DiTConfig(
     dim=64, ffn_dim=96, num_heads=4, num_layers=2, text_dim=24, clip_dim=20, text_len=16, freq_dim=32,
@@ -246,23 +245,10 @@ def test_apply_fp8_replaces_exactly_the_block_linears_and_stays_close():
 # ---------------------------------------------------------------------------------------------- loading
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> CheckpointPaths:
-    return write_tiny_checkpoints(tmp_path_factory.mktemp("tiny"))
-
-
-def shard_state(paths: CheckpointPaths) -> dict[str, torch.Tensor]:
-    state = {}
-    for shard in sorted(paths.wan_dir.glob("diffusion_pytorch_model-*.safetensors")):
-        state |= load_file(shard)
-    return state
-
-
-def write_comfy_fp8(paths: CheckpointPaths, path, per_tensor: bool) -> dict[str, torch.Tensor]:
+def write_comfy_fp8(state: dict[str, torch.Tensor], path, per_tensor: bool) -> dict[str, torch.Tensor]:
     """A ComfyUI-style scaled-fp8 single file: prefixed original names, every 2-D `blocks.` weight in
     e4m3 with `scale_weight` (a scalar, or one per output channel), a `scaled_fp8` marker, the audio
     modules merged in. Returns what was written, by original name."""
-    state = shard_state(paths) | load_file(paths.infinitetalk)
     out, written = {"model.diffusion_model.scaled_fp8": torch.zeros(0, dtype=torch.float8_e4m3fn)}, {}
     for key, tensor in state.items():
         if tensor.dim() == 2 and key.startswith("blocks."):
@@ -278,9 +264,9 @@ def write_comfy_fp8(paths: CheckpointPaths, path, per_tensor: bool) -> dict[str,
 
 
 @pytest.mark.parametrize("per_tensor", [False, True])
-def test_comfyui_fp8_file_loads_into_fp8_layers_bit_for_bit(tiny, tmp_path, per_tensor):
+def test_comfyui_fp8_file_loads_into_fp8_layers_bit_for_bit(tiny, tiny_dit_state, tmp_path, per_tensor):
     single = tmp_path / "Wan2_1-I2V-14B-480P_fp8_e4m3fn.safetensors"
-    written = write_comfy_fp8(tiny, single, per_tensor)
+    written = write_comfy_fp8(tiny_dit_state, single, per_tensor)
     dit = load_dit([single], None, tiny.dit_config(), dtype=torch.bfloat16, quant="fp8_weights")
     modules = dict(dit.named_modules())
     fp8_names = {n for n, m in modules.items() if isinstance(m, Fp8Linear)}
@@ -306,10 +292,10 @@ def test_comfyui_fp8_file_loads_into_fp8_layers_bit_for_bit(tiny, tmp_path, per_
     assert kept and all(state[n].dtype == torch.bfloat16 for n in kept)
 
 
-def test_official_shards_quantise_on_load(tiny):
+def test_official_shards_quantise_on_load(tiny, tiny_dit_state):
     plain = load_dit(tiny.dit_files(), tiny.infinitetalk, tiny.dit_config(), dtype=torch.float32)
     quantised = load_dit(tiny.dit_files(), tiny.infinitetalk, tiny.dit_config(), dtype=torch.float32, quant="fp8_weights")
-    files = shard_state(tiny) | load_file(tiny.infinitetalk)
+    files = tiny_dit_state
     layers = {n: m for n, m in quantised.named_modules() if isinstance(m, Fp8Linear)}
     assert set(layers) == expected_fp8_layers(quantised.cfg)
     for name, layer in layers.items():
