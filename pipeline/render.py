@@ -94,12 +94,11 @@ def encode_job(models: Models, job: Job, settings: RenderSettings) -> JobInputs:
     prompt, negative = models.t5.encode([job.prompt, job.negative_prompt])
     text_len = models.t5.text_len
 
-    references = reference_frames(job, plan, settings)
+    references, (source_h, source_w) = reference_frames(job, plan, settings)
     height, width = references.shape[-2:]
     clip_tokens = models.clip.encode(references).cpu().float()
     masks = None
     if job.speakers == 2:
-        source_h, source_w = media.probe(job.image or job.video).frame_size()
         masks = speaker_masks(job.boxes, source_h, source_w, height, width, f"job {job.id!r}")
     return JobInputs(
         num_frames=num_frames,
@@ -112,17 +111,16 @@ def encode_job(models: Models, job: Job, settings: RenderSettings) -> JobInputs:
     )
 
 
-def reference_frames(job: Job, plan: list[Window], settings: RenderSettings) -> torch.Tensor:
-    """[R, 3, H, W]: the image, or for a video the source frame at each window's start (the video
-    resampled to 25 fps; its last frame for windows that start past its end)."""
+def reference_frames(job: Job, plan: list[Window], settings: RenderSettings) -> tuple[torch.Tensor, tuple[int, int]]:
+    """([R, 3, H, W], the source's (height, width)): the image, or for a video the source frame at each
+    window's start (the video resampled to 25 fps; its last frame for windows that start past its end)."""
     if job.image is not None:
-        image = media.read_image(job.image)
-        height, width = media.choose_size(*image.shape[-2:], settings.size)
-        return media.fit_to(image, height, width)[None]
-    starts = [w.start for w in plan]
-    frames = media.read_video_frames(job.video, fps=FPS, indices=starts)  # [R, 3, h, w], clamped to the end
-    height, width = media.choose_size(*frames.shape[-2:], settings.size)
-    return torch.stack([media.fit_to(f, height, width) for f in frames])
+        frames = media.read_image(job.image)[None]
+    else:
+        frames = media.read_video_frames(job.video, fps=FPS, indices=[w.start for w in plan])  # clamped to the end
+    source = tuple(frames.shape[-2:])
+    height, width = media.choose_size(*source, settings.size)
+    return media.fit_to(frames, height, width), source
 
 
 # ---------------------------------------------------------------------------------------------- render
@@ -235,8 +233,10 @@ def render_windows(
     colour_reference = inputs.references[0]
     motion = state.motion_latents
     for window in plan[state.next_window :]:
-        if motion is None:  # the first window opens on the reference frame itself
-            motion = models.vae.encode(inputs.references[0][None, :, None])[0]
+        if motion is None:
+            # The first window opens on the reference frame itself: its latent is the first latent
+            # frame of the conditioning (the VAE is causal), which the renderer has already encoded.
+            motion = renderer.conditioning(0, window.length)[0, 4:, :1]
         frames = renderer.render(window, motion[None])
         frames = match_colors(frames, colour_reference.to(frames.device), settings.color_match, settings.color_strength)
 
