@@ -555,6 +555,38 @@ class Bench:
         self.save()
         summary(self.results)
 
+    # ------------------------------------------------------------------ 8-bit attention
+
+    def int8fp8(self):
+        """The int8fp8 attention backend in the whole forward, eager and with compiled blocks, bf16 and
+        fp8 linears, against sdpa (cuDNN); quality against eager bf16+sdpa."""
+        self.section("env", self.env)
+        model = self.section("model", self.build_model)
+        if model is None:
+            return
+        f117, f81 = (117, 81) if not self.args.tiny else (13, 9)
+        backend = "int8fp8" if "int8fp8" in attention.available_attention(self.device) else "sdpa"
+        self.reference = None
+        apply_attention(model, attention.sdpa_attention)
+        self.section("bf16+sdpa", self.config, model, "bf16+sdpa", [f117], 1)
+        apply_attention(model, backend, self.device)
+        self.section(f"bf16+{backend}", self.config, model, f"bf16+{backend}", [f117], 1)
+        self.compile_blocks(model)
+        self.section(f"bf16+{backend}+compile", self.config, model, f"bf16+{backend}+compile", [f117], 2)
+        self.uncompile_blocks(model)
+        mode = "fp8" if "fp8" in fp8.available_modes(self.device) else "fp8_weights"
+        self.section("apply_fp8", self.quantise, model, mode)
+        self.compile_blocks(model)
+        self.section(f"{mode}+{backend}+compile", self.config, model, f"{mode}+{backend}+compile", [f117, f81],
+                     self.args.reps)
+        self.section("profile", self.profile, model, f"{mode}+{backend}+compile", f117)
+        apply_attention(model, attention.sdpa_attention)
+        self.section(f"{mode}+sdpa+compile", self.config, model, f"{mode}+sdpa+compile", [f117], 2)
+        self.uncompile_blocks(model)
+        self.results["total_s"] = time.perf_counter() - self.started
+        self.save()
+        summary(self.results)
+
     def quantise(self, model, mode):
         t0 = time.perf_counter()
         layers = fp8.apply_fp8(model, mode, self.device)
@@ -607,10 +639,11 @@ if __name__ == "__main__":
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/out"))
     parser.add_argument("--reps", type=int, default=3, help="timed forwards per configuration")
     parser.add_argument("--budget-s", type=float, default=520, help="skip sections that would start after this")
-    parser.add_argument("--plan", choices=["full", "followup"], default="full",
-                        help="full: every section; followup: FP8_KEEP + fast accumulation, and compiled blocks")
+    parser.add_argument("--plan", choices=["full", "followup", "int8fp8"], default="full",
+                        help="full: every section; followup: FP8_KEEP + fast accumulation, and compiled blocks; "
+                             "int8fp8: the 8-bit attention backend in the forward")
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     args = parser.parse_args()
     bench = Bench(args)
-    bench.main() if args.plan == "full" else bench.followup()
+    {"full": bench.main, "followup": bench.followup, "int8fp8": bench.int8fp8}[args.plan]()

@@ -161,6 +161,7 @@ class WindowBench:
             "device": str(self.device), "tiny": self.args.tiny, "command": " ".join(sys.argv),
             "window": [self.frames_n, self.motion_n, self.height, self.width], "cpus": os.cpu_count(),
             "compile_problem": compile_problem(self.device), "offload_problem": offload_problem(self.device),
+            "attention": attention.describe(attention.get_attention(self.args.attention, self.device)),
         }
         if self.cuda:
             props = torch.cuda.get_device_properties(self.device)
@@ -207,7 +208,7 @@ class WindowBench:
         if self.cuda:
             torch.cuda.empty_cache()
         model = self.dit_bench.build_model()
-        apply_attention(model, attention.sdpa_attention)
+        apply_attention(model, self.args.attention, self.device)
         if quant != "none":
             fp8.apply_fp8(model, quant, self.device)
             if self.cuda:
@@ -367,6 +368,23 @@ class WindowBench:
         print(f"  {label} extra decode {entry}", flush=True)
         WanVAE(self.vae_module, None)  # leave the module untiled
 
+    def benchmark_decode(self, label, tiling):
+        """The last window's decode again with cuDNN's convolution autotuning on (the first call tunes)."""
+        vae = WanVAE(self.vae_module, tiling)
+        latents = self.latents[label].to(self.device)
+        torch.backends.cudnn.benchmark = True
+        try:
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                vae.decode(latents)
+                self.sync()
+                times.append(time.perf_counter() - t0)
+        finally:
+            torch.backends.cudnn.benchmark = False
+        self.results["configs"][label]["decode_cudnn_benchmark_s"] = times
+        print(f"  {label} decode with cudnn.benchmark: {[round(t, 2) for t in times]} s", flush=True)
+
     def compare(self):
         """Relative L2 distance of the final latents (and sampled frames) between configurations."""
         out = {}
@@ -432,6 +450,8 @@ class WindowBench:
                     continue
                 for tiling in extra:
                     self.step(f"{label} extra decode", self.extra_decode, label, tiling)
+                if self.args.cudnn_benchmark_decode:
+                    self.step(f"{label} cudnn.benchmark decode", self.benchmark_decode, label, memory.vae_tiling)
             del model, state
             gc.collect()
             if self.cuda:
@@ -471,6 +491,9 @@ if __name__ == "__main__":
     parser.add_argument("--budget-s", type=float, default=420, help="skip configurations that would start after this")
     parser.add_argument("--only", default="", help="comma-separated configuration labels to run (default: all)")
     parser.add_argument("--repeat", type=int, default=1, help="timed windows per configuration")
+    parser.add_argument("--attention", default="sdpa", help="attention backend of the DiT (pipeline.kernels.attention)")
+    parser.add_argument("--cudnn-benchmark-decode", action="store_true",
+                        help="after each configuration, time its decode again with torch.backends.cudnn.benchmark on")
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     args = parser.parse_args()

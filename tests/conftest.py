@@ -1,11 +1,20 @@
-"""Fixtures shared by several test files."""
+"""Fixtures shared by several test files; and Triton's interpreter on machines without CUDA."""
 
-import pytest
+import os
+
 import torch
-from safetensors.torch import load_file
 
-from pipeline.models.checkpoints import CheckpointPaths
-from pipeline.models.tiny import write_tiny_checkpoints
+# Without a GPU, Triton kernels (pipeline/kernels/attention_int8fp8.py) run in Triton's interpreter.
+# Triton reads this when it is first imported (its own library is decorated then), so it is set here,
+# before any test or pipeline module imports it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from pipeline.models.checkpoints import CheckpointPaths  # noqa: E402
+from pipeline.models.tiny import write_tiny_checkpoints  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -52,6 +52,7 @@ OPTIONS = {
     ("quant", "fp8_weights"): {"quant.mode": "fp8_weights"},
     ("quant", "fp8"): {"quant.mode": "fp8"},
     ("attention", "sdpa"): {"attention.backend": "sdpa"},
+    ("attention", "int8fp8"): {"attention.backend": "int8fp8"},
     ("sampler", "euler"): {"sampler.scheduler": "euler", "sampler.steps": 40, "sampler.shift": 7.0,
                            "sampler.text_scale": 5.0, "sampler.audio_scale": 4.0, "sampler.apg": False},
     ("sampler", "distill"): {"sampler.scheduler": "flowmatch_distill", "sampler.steps": 4,
@@ -90,6 +91,9 @@ def test_each_option_composes_and_validates(group, option):
     if (group, option) == ("quant", "fp8") and not torch.cuda.is_available():
         with pytest.raises(ConfigError, match=r"^quant\.mode: .*compute capability >= 8\.9"):
             validate(cfg)  # fp8 GEMMs on a machine that cannot run them: refused at start-up
+    elif (group, option) == ("attention", "int8fp8") and not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"^attention\.backend: .*needs a Hopper GPU"):
+            validate(cfg)
     elif group == "memory" and OmegaConf.select(cfg, "memory.offload") and not torch.cuda.is_available():
         with pytest.raises(ConfigError, match=r"^memory\.offload: block offload cannot run on cpu"):
             validate(cfg)  # block offload streams to a GPU: refused at start-up without one
@@ -171,7 +175,7 @@ def test_a_removed_group_is_missing():
     (["output.crf=52"], "output.crf", "[0, 51]"),
     (["quant.mode=fp4"], "quant.mode", "fp8_weights"),
     (["attention.backend=nope"], "attention.backend", "sdpa"),
-    (["cluster=address", "attention.backend=nope"], "attention.backend", "sdpa, sage, auto"),
+    (["cluster=address", "attention.backend=nope"], "attention.backend", "sdpa, sage, int8fp8, auto"),
     (["model.precision.dit=fp8"], "model.precision.dit", "bf16"),
     (["model=infinitetalk_14b", "model.precision.vae=int8"], "model.precision.vae", "fp32"),
     (["model.device=tpu"], "model.device", "auto, cuda, cpu"),
@@ -197,6 +201,7 @@ def test_exactly_one_of_manifest_and_job_audio(overrides):
 def test_local_kernels_are_checked_on_this_machine():
     assert config_error("model.device=cuda", *ONE_JOB).startswith("model.device: cuda, but this machine has no")
     assert config_error("attention.backend=sage", *ONE_JOB).startswith("attention.backend: ")
+    assert config_error("attention=int8fp8", *ONE_JOB).startswith("attention.backend: ")
     # A cluster's driver need not have the GPUs: there the actors check the kernel when they load.
     validate(compose_config("cluster=address", "model.device=cuda", "attention.backend=sage", *ONE_JOB))
 

@@ -70,7 +70,7 @@ def test_sage_routes_short_keys_to_sdpa():
 def test_unavailable_backends_are_startup_errors_that_say_what_is_available():
     with pytest.raises(KernelUnavailable, match=r"'sage' is not available on cpu: .*available: \['sdpa'\]"):
         get_attention("sage", "cpu")
-    with pytest.raises(KernelUnavailable, match=r"'nope' is unknown; known: \['sage', 'sdpa', 'auto'\]; available on cpu: \['sdpa'\]"):
+    with pytest.raises(KernelUnavailable, match=r"'nope' is unknown; known: \['int8fp8', 'sage', 'sdpa', 'auto'\]; available on cpu: \['sdpa'\]"):
         get_attention("nope", "cpu")
     assert get_attention("sdpa", "cpu") is sdpa_attention
 

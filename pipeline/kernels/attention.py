@@ -20,6 +20,11 @@ Backends (`get_attention(name)`; `apply_attention(model, name)` puts one on ever
         audio's 32 keys, 32 phantom, 37.5%; self-attention 1.3%, its INT8 error). Key lengths whose
         partial block exceeds `SAGE_MAX_PHANTOM` of the keys therefore go through `sdpa`: a fixed,
         documented split by shape (the error was measured, see RESULTS.md), not a fallback.
+  int8fp8  our Triton kernel (attention_int8fp8.py): INT8 Q.K^T with per-token scales and key
+        smoothing, FP8 P.V with per-channel scales and V smoothing, fp32 accumulation across key
+        blocks. Hopper only (compute capability 9.0: INT8/FP8 wgmma, TMA). Key sets shorter than
+        `INT8FP8_MIN_KEYS` (the cross-attentions) go to `sdpa`, where cuDNN measured faster and exact:
+        like sage's, a fixed split by shape.
   auto  the fastest backend available here, by the measured ranking `AUTO_RANKING`; logged.
 
 A backend that cannot run here is a start-up error (`KernelUnavailable`) that names what was asked and
@@ -114,6 +119,39 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
     return _import_sage()(q, k, v, tensor_layout="NHD", is_causal=False)
 
 
+# ---------------------------------------------------------------------------------------------- int8fp8
+
+INT8FP8_CAPABILITY = (9, 0)  # Hopper: INT8 and FP8 wgmma, TMA; the only architecture it was built and measured on
+# Shorter key sets (the DiT's cross-attention: 512 text, 257 CLIP, 32 audio keys) go to sdpa: there the
+# H100 measured cuDNN faster (1.34 vs 1.64 ms at 512 keys, quantisation included) and 15x more exact
+# (0.2% vs 3.6%). Self-attention has at least 8 latent frames x 1,560 tokens at 480p.
+INT8FP8_MIN_KEYS = 4096
+
+
+def int8fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The int8fp8 kernel for long key sets, `sdpa_attention` below INT8FP8_MIN_KEYS keys."""
+    if k.shape[1] < INT8FP8_MIN_KEYS:
+        return sdpa_attention(q, k, v)
+    from pipeline.kernels.attention_int8fp8 import int8fp8_attention as attend
+    return attend(q, k, v)
+
+
+def _int8fp8_problem(device: torch.device) -> str | None:
+    """Why 'int8fp8' cannot run on `device`, or None if it can."""
+    wanted = ".".join(map(str, INT8FP8_CAPABILITY))
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return f"it needs a Hopper GPU (CUDA compute capability {wanted}) and the device is {device}"
+    capability = torch.cuda.get_device_capability(device)
+    if capability != INT8FP8_CAPABILITY:
+        return (f"it is built for Hopper (compute capability {wanted}); "
+                f"{torch.cuda.get_device_name(device)} is {'.'.join(map(str, capability))}")
+    try:
+        import triton  # noqa: F401
+    except ImportError as exc:
+        return f"Triton is not importable ({exc})"
+    return None
+
+
 # ---------------------------------------------------------------------------------------------- choice
 
 
@@ -135,8 +173,10 @@ def _sage_problem(device: torch.device) -> str | None:
     return None
 
 
-BACKENDS: dict[str, AttentionFn] = {"sdpa": sdpa_attention, "sage": sage_attention}
-PROBLEMS: dict[str, Callable[[torch.device], str | None]] = {"sdpa": lambda device: None, "sage": _sage_problem}
+BACKENDS: dict[str, AttentionFn] = {"sdpa": sdpa_attention, "sage": sage_attention, "int8fp8": int8fp8_attention}
+PROBLEMS: dict[str, Callable[[torch.device], str | None]] = {
+    "sdpa": lambda device: None, "sage": _sage_problem, "int8fp8": _int8fp8_problem,
+}
 
 
 def available_attention(device: torch.device | str | None = None) -> list[str]:
@@ -173,6 +213,9 @@ def describe(fn: AttentionFn) -> str:
     if fn is sage_attention:
         return (f"sage (sageattention; key lengths whose partial {SAGE_BLOCK_N}-key block exceeds "
                 f"{SAGE_MAX_PHANTOM:.2%} of the keys use sdpa, CUDA kernel {SDPA_CUDA_KERNEL})")
+    if fn is int8fp8_attention:
+        return (f"int8fp8 (Triton: INT8 Q.K^T, FP8 P.V; key sets under {INT8FP8_MIN_KEYS} use sdpa, "
+                f"CUDA kernel {SDPA_CUDA_KERNEL})")
     return getattr(fn, "__name__", repr(fn))
 
 
