@@ -11,8 +11,9 @@ import fsspec
 from pipeline.job import Job
 
 
-def is_url(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
+def is_remote(path: str) -> bool:
+    """A URL of a filesystem other than the local one (fsspec's protocols; file:// and local:// are local)."""
+    return fsspec.core.split_protocol(path)[0] not in (None, "file", "local")
 
 
 @contextlib.contextmanager
@@ -22,7 +23,7 @@ def local_copies(job: Job) -> Iterator[Job]:
     with tempfile.TemporaryDirectory(prefix=f"talkfarm-{job.id}-") as tmp:
 
         def local(path: str | None, slot: str) -> str | None:
-            if path is None or not is_url(path):
+            if path is None or not is_remote(path):
                 return path
             target = Path(tmp) / f"{slot}{Path(path).suffix}"
             fsspec.filesystem(fsspec.utils.get_protocol(path)).get(path, str(target))

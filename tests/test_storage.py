@@ -2,6 +2,7 @@
 filesystem (which stands in for object stores: no directories, `mv` is copy + delete)."""
 
 import datetime
+import os
 import uuid
 
 import fsspec
@@ -286,3 +287,23 @@ def test_clear_job(store, tmp_path):
     assert store.load_state("job-b").next_window == 1
     store.clear_job("job-a")  # clearing a job with nothing stored is fine
     store.clear_job("never-started")
+
+
+def test_local_copies_fetch_remote_inputs_and_leave_local_ones(tmp_path):
+    from farm.localize import is_remote, local_copies
+    from pipeline.job import Job
+
+    assert is_remote("s3://bucket/a.wav") and is_remote("memory://x/a.wav")
+    assert not is_remote("/data/a.wav") and not is_remote("file:///data/a.wav") and not is_remote("local:///a.wav")
+    remote = f"memory://talkfarm-test-{uuid.uuid4().hex}/speech.wav"
+    with fsspec.open(remote, "wb") as f:
+        f.write(b"RIFF-not-really")
+    image = tmp_path / "face.png"
+    image.write_bytes(b"png")
+    job = Job(id="j", audio=(remote,), image=str(image))
+    with local_copies(job) as local:
+        assert local.image == str(image)
+        copied = local.audio[0]
+        assert not is_remote(copied) and copied.endswith(".wav")
+        assert open(copied, "rb").read() == b"RIFF-not-really"
+    assert not os.path.exists(copied)  # the copies go with the context
