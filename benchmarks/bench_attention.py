@@ -26,6 +26,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_dit import rel_err, time_ms  # noqa: E402
 
 from pipeline.kernels import attention_int8fp8 as kernel  # noqa: E402
 from pipeline.kernels.attention import sdpa_attention  # noqa: E402
@@ -43,22 +46,8 @@ CONFIGS = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
 MAX_ERR = 0.08  # a configuration's error must match the others' (all compute the same sums)
 
 
-def time_ms(fn, reps: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+def median_ms(fn, reps: int) -> float:
+    return statistics.median(time_ms(fn, warmup=1, reps=reps, cuda=True))
 
 
 class Case:
@@ -94,9 +83,8 @@ def tune(results, reps, save):
             inputs = kernel.quantise_inputs(case.q, case.k, case.v)
             run = lambda: kernel._attention_core(*inputs, case.k.shape[1], torch.bfloat16)  # noqa: E731
             entry["err"] = case.err(run())
-            entry["ms"] = time_ms(run, reps)
+            entry["ms"] = median_ms(run, reps)
             entry["tflops"] = case.flops / entry["ms"] / 1e9
-            del inputs
         except Exception as exc:  # a configuration that does not fit (shared memory, registers)
             entry["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
         rows.append(entry)
@@ -116,14 +104,13 @@ def shapes(results, reps):
         for label, fn in (("sdpa_cudnn", sdpa_attention), ("int8fp8", kernel.int8fp8_attention),
                           ("int8fp8_compiled", compiled)):
             out = fn(case.q, case.k, case.v)
-            ms = time_ms(lambda fn=fn: fn(case.q, case.k, case.v), reps)
+            ms = median_ms(lambda fn=fn: fn(case.q, case.k, case.v), reps)
             entry[label] = {"ms": ms, "tflops": case.flops / ms / 1e9, "err": case.err(out)}
             del out
         inputs = kernel.quantise_inputs(case.q, case.k, case.v)
-        ms = time_ms(lambda: kernel._attention_core(*inputs, case.k.shape[1], torch.bfloat16), reps)
+        ms = median_ms(lambda: kernel._attention_core(*inputs, case.k.shape[1], torch.bfloat16), reps)
         entry["int8fp8_kernel_only"] = {"ms": ms, "tflops": case.flops / ms / 1e9}
         print("shape", name, entry, flush=True)
-        del case, inputs
 
 
 def main():

@@ -94,23 +94,7 @@ class Bench:
             torch.cuda.synchronize()
 
     def time_ms(self, fn, warmup=1, reps=5) -> list[float]:
-        for _ in range(warmup):
-            fn()
-        self.sync()
-        times = []
-        for _ in range(reps):
-            if self.cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-        return times
+        return time_ms(fn, warmup, reps, self.cuda)
 
     def randn(self, *shape, dtype=torch.bfloat16, gen=None):
         return torch.randn(*shape, device=self.device, dtype=torch.float32, generator=gen).to(dtype)
@@ -599,6 +583,29 @@ class Bench:
             "allocated_gib": torch.cuda.memory_allocated() / GiB if self.cuda else None,
         }
         print(f"  apply_fp8 {mode}: {self.results['apply_fp8'][mode]}", flush=True)
+
+
+def time_ms(fn, warmup: int, reps: int, cuda: bool) -> list[float]:
+    """Milliseconds of each of `reps` calls after `warmup` untimed ones: CUDA events on a GPU, the wall
+    clock on a CPU."""
+    for _ in range(warmup):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -19,19 +19,10 @@ from pipeline.kernels import attention  # noqa: E402
 from pipeline.kernels import attention_int8fp8 as kernel  # noqa: E402
 from pipeline.kernels.attention import apply_attention, sdpa_attention  # noqa: E402
 from pipeline.models.dit import DiTConfig, WanInfiniteTalkDiT  # noqa: E402
+from test_kernels import reference_attention as exact_attention  # noqa: E402
+from test_kernels import rel  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
-def exact_attention(q, k, v):
-    """softmax(q k^T / sqrt(D)) v in float64, NHD layout."""
-    q, k, v = q.double(), k.double(), v.double()
-    logits = torch.einsum("blhd,bmhd->bhlm", q, k) / math.sqrt(q.shape[-1])
-    return torch.einsum("bhlm,bmhd->blhd", logits.softmax(dim=-1), v)
 
 
 def dequantised_attention(q, k, v):
