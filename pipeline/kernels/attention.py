@@ -56,7 +56,9 @@ SDPA_CUDA_KERNELS = {
 SDPA_CUDA_KERNEL = "cudnn"
 
 # Fastest first, as measured on the H100 at the 14B's shapes (benchmarks/RESULTS.md): self-attention
-# 77 ms (sdpa/cuDNN) vs 100 ms (sage); whole forward at 117 frames 7.2 s vs 8.3 s.
+# 77 ms (sdpa/cuDNN) vs 100 ms (sage); whole forward at 117 frames 7.2 s vs 8.3 s. int8fp8 is not
+# ranked: it wins only with compiled blocks (4.18 vs 4.53 s a forward in fp8; eager, where its
+# quantisation runs unfused, 6.68 vs 6.60 s) and costs accuracy (1.1% at the velocity), so it is asked for.
 AUTO_RANKING = ("sdpa", "sage")
 
 SAGE_BLOCK_N = 64  # sageattention 1.0.6's key block
