@@ -14,6 +14,7 @@ Its video is noise: it proves the plumbing, not the quality. Same seed, same byt
 """
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -88,25 +89,38 @@ def write_tiny_checkpoints(root: str | Path, seed: int = 0) -> CheckpointPaths:
 
 
 def _write_dit(paths: CheckpointPaths, cfg: DiTConfig) -> None:
-    """DiT shards (the original Wan keys, blocks split across shards) and the InfiniteTalk file."""
+    """DiT shards and the InfiniteTalk file from a seeded model (fp32, as the official files)."""
     dit = WanInfiniteTalkDiT(cfg)
     with torch.no_grad():
         for name, p in dit.named_parameters():
             if "modulation" in name:  # the official init: randn / sqrt(dim)
                 p.copy_(torch.randn(p.shape) / cfg.dim**0.5)
     state = _contiguous(dit.state_dict())
-    audio = {k: v for k, v in state.items() if key_kind(k) == "InfiniteTalk audio modules"}
-    wan = {k: v for k, v in state.items() if k not in audio}  # fp32, as the official shards
-    save_file(audio, paths.infinitetalk, metadata={"format": "pt"})
+    write_dit_checkpoint(paths, cfg, DIT_SHARDS, lambda name, shape: state[name])
 
-    blocks_per_shard = -(-cfg.num_layers // DIT_SHARDS)
-    weight_map = {}
-    for key in sorted(wan):
+
+def write_dit_checkpoint(paths: CheckpointPaths, cfg: DiTConfig, shards: int,
+                         tensor: Callable[[str, torch.Size], torch.Tensor]) -> None:
+    """The DiT of `cfg` in the official layout: the Wan keys in `shards` safetensors files (whole
+    blocks per shard) with their index, the InfiniteTalk audio modules in `paths.infinitetalk`.
+    `tensor(name, shape)` gives each tensor, asked for one file at a time, so that only one file's
+    tensors are in memory at once (the 14B's shards are written this way by benchmarks/bench_load.py)."""
+    with torch.device("meta"):
+        shapes = {name: t.shape for name, t in WanInfiniteTalkDiT(cfg).state_dict().items()}
+    audio = [k for k in shapes if key_kind(k) == "InfiniteTalk audio modules"]
+    save_file({k: tensor(k, shapes[k]) for k in audio}, paths.infinitetalk, metadata={"format": "pt"})
+
+    blocks_per_shard = -(-cfg.num_layers // shards)
+    weight_map, total = {}, 0
+    for key in sorted(set(shapes) - set(audio)):
         block = int(key.split(".")[1]) if key.startswith("blocks.") else 0
-        weight_map[key] = f"diffusion_pytorch_model-{block // blocks_per_shard + 1:05d}-of-{DIT_SHARDS:05d}.safetensors"
+        weight_map[key] = f"diffusion_pytorch_model-{block // blocks_per_shard + 1:05d}-of-{shards:05d}.safetensors"
     for shard in sorted(set(weight_map.values())):
-        save_file({k: wan[k] for k, s in weight_map.items() if s == shard}, paths.wan_dir / shard, metadata={"format": "pt"})
-    index = {"metadata": {"total_size": sum(v.numel() * v.element_size() for v in wan.values())}, "weight_map": weight_map}
+        tensors = {k: tensor(k, shapes[k]) for k, s in weight_map.items() if s == shard}
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        save_file(tensors, paths.wan_dir / shard, metadata={"format": "pt"})
+        del tensors
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (paths.wan_dir / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
