@@ -23,6 +23,9 @@ speaker, t = 500, 117 frames at 832x480 = latent 30x60x104 = 46,800 tokens.
             time by category (NCCL kernel time includes waiting for the other rank)
   two_speakers  a 13-frame two-speaker forward (reference map across ranks) on G ranks vs rank 0 alone
 
+--quant, --attention and --compile set the model up as a renderer with those settings would be (fp8
+layers, the attention backend, compiled blocks; all before sequence parallelism, as the renderer does).
+
 NVLink multicast stays off (NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1,
 NVSHMEM_DISABLE_NVLS=1; set here for the spawned processes too). Results: DIR/bench_sequence_parallel.json.
 """
@@ -50,6 +53,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_dit import Bench, categorise, rel_err  # noqa: E402
 
+from pipeline.kernels import fp8  # noqa: E402
+from pipeline.kernels.attention import apply_attention  # noqa: E402
+from pipeline.kernels.compile import compile_blocks  # noqa: E402
 from pipeline.parallel import apply_sequence_parallel  # noqa: E402
 
 GiB = 2**30
@@ -107,6 +113,11 @@ class Rank:
         inputs = self.bench.inputs(frames)
         for v in inputs.values():
             dist.broadcast(v, src=0)
+        if self.args.quant != "none":  # deterministic: every rank quantises the same weights alike
+            fp8.apply_fp8(model, self.args.quant, self.device)
+        apply_attention(model, self.args.attention, self.device)
+        if self.args.compile:  # before sequence parallelism, as the renderer does
+            compile_blocks(model, self.device)
         self.sync()
         cfg = model.cfg
         self.results["setup"] = {
@@ -114,6 +125,7 @@ class Rank:
             "torch": torch.__version__, "cuda": torch.version.cuda,
             "nccl": ".".join(map(str, torch.cuda.nccl.version())) if self.cuda else None,
             "params": sum(p.numel() for p in model.parameters()), "frames": frames,
+            "quant": self.args.quant, "attention": self.args.attention, "compile": self.args.compile,
             "latent": list(inputs["x"].shape[2:]), "heads": cfg.num_heads, "layers": cfg.num_layers, "dim": cfg.dim,
             "s": time.perf_counter() - t0,
         }
@@ -328,7 +340,8 @@ class Rank:
         self.step("a2a", self.all_to_all, model, sp)
         if not self.args.no_profile:
             self.step("profile_parallel", self.profile, model, inputs)
-        self.step("two_speakers", self.two_speakers, model, sp)
+        if not self.args.no_two_speakers:
+            self.step("two_speakers", self.two_speakers, model, sp)
         self.save()
 
     def step(self, name, fn, *a):
@@ -399,6 +412,10 @@ def main():
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--no-contiguous-baseline", action="store_true", help="skip the contiguous G=1 baseline")
     parser.add_argument("--interleave", type=int, default=0, help="also time N alternated G=1 / G=G pairs")
+    parser.add_argument("--quant", default="none", choices=["none", "fp8", "fp8_weights"], help="the blocks' linears")
+    parser.add_argument("--attention", default="sdpa", help="attention backend (pipeline.kernels.attention)")
+    parser.add_argument("--compile", action="store_true", help="compile the blocks (before sequence parallelism)")
+    parser.add_argument("--no-two-speakers", action="store_true", help="skip the two-speaker check")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/out"))
     args = parser.parse_args()
     args.tiny_cpu = args.tiny or not torch.cuda.is_available()
