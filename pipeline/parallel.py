@@ -119,7 +119,9 @@ class SequenceParallel:
             raise ValueError(f"expected the whole sequence of {s.tokens} tokens, got {x.shape[1]}")
         if s.padded != s.tokens:
             x = torch.cat([x, x.new_zeros(x.shape[0], s.padded - s.tokens, *x.shape[2:])], dim=1)
-        return x[:, s.start : s.start + s.local].contiguous()
+        # A fresh tensor, not .contiguous(): with B = 1 that returns the view itself, whose batch stride
+        # differs from the later blocks' inputs and would make compiled blocks compile a second graph.
+        return x[:, s.start : s.start + s.local].clone(memory_format=torch.contiguous_format)
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's slice [B, Ls, ...] -> the whole sequence [B, L, ...] on every rank."""

@@ -102,6 +102,9 @@ def _worker(rank: int, port: int, root: str, face: str, speech: str, out: str) -
                 sp.begin(tokens, frames)
                 got = sp.frame0_keys(sp.split(full), tokens // frames)
                 found[f"frame0_keys_{tokens}_{frames}"] = bool(torch.equal(got, full[:, : tokens // frames]))
+            # a slice has the strides of a fresh tensor, batch of one included (compiled blocks guard on them)
+            one = sp.split(torch.randn(1, 12, 2, 3))
+            found["split_strides"] = [list(one.stride()), list(torch.empty(one.shape).stride())]
 
             # -- one window through pipeline.render, plain and on 2 ranks
             sp.remove()
@@ -195,6 +198,12 @@ def test_frame0_keys_come_from_the_ranks_that_hold_them(ranks):
     for found in ranks:
         assert found["frame0_keys_10_1"]  # 5 tokens per rank, frame 0 is 10 tokens: both ranks send
         assert found["frame0_keys_12_3"]  # 6 per rank, frame 0 is 4 tokens: rank 0 alone
+
+
+def test_slices_have_fresh_strides(ranks):
+    for found in ranks:
+        got, fresh = found["split_strides"]
+        assert got == fresh
 
 
 def test_window_rendered_on_two_ranks_equals_one_process(ranks):
