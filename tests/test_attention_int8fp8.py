@@ -1,6 +1,6 @@
 """The int8fp8 attention kernel (pipeline/kernels/attention_int8fp8.py) on the CPU, through Triton's
-interpreter (TRITON_INTERPRET=1, set by conftest.py; it runs the kernel's own code with numpy). Checked against float64 attention, and against a float64 re-computation of the
-same quantised inputs, so that what is left is the kernel's own arithmetic (P in e4m3). Speed and the
+interpreter (TRITON_INTERPRET=1, set by conftest.py; it runs the kernel's own code with numpy).
+Checked against float64 attention, and against a float64 re-computation of the same quantised inputs, so that what is left is the kernel's own arithmetic (P in e4m3). Speed and the
 error at the 14B's shapes on the H100 are in benchmarks/RESULTS.md.
 
 The interpreter rounds fp32 -> e4m3 wrongly when the mantissa carries into the exponent (Triton 3.6-3.9:
@@ -32,7 +32,8 @@ def dequantised_attention(q, k, v):
     key_len, head_dim = k.shape[1], q.shape[-1]
     # q_scale carries 1/sqrt(D) * log2(e): take it out again
     qd = q8.double() * q_scale.double()[..., None] * math.sqrt(head_dim) / kernel.LOG2E
-    kd = (k8.double() * k_scale.double()[..., None])[:, :, :key_len]  # [B, H, Lk, D]
+    k_step = k_scale.double().repeat_interleave(kernel.BLOCK_N, dim=2)[..., None]  # one scale per key block
+    kd = (k8.double() * k_step)[:, :, :key_len]  # [B, H, Lk, D]
     vd = (v8.double() * v_scale.double()[..., None])[..., :key_len]  # [B, H, D, Lk]
     logits = torch.einsum("blhd,bhmd->bhlm", qd, kd) / math.sqrt(head_dim)
     return torch.einsum("bhlm,bhdm->blhd", logits.softmax(dim=-1), vd) + v_mean.double()[:, None]
@@ -78,7 +79,7 @@ def test_quantised_inputs_are_within_half_a_step():
     block = kernel.BLOCK_N
     padded = math.ceil(70 / block) * block
     assert q8.shape == (2, 50, 3, 64) and q8.dtype == torch.int8 and q_scale.shape == (2, 50, 3)
-    assert k8.shape == (2, 3, padded, 64) and k8.dtype == torch.int8 and k_scale.shape == (2, 3, padded)
+    assert k8.shape == (2, 3, padded, 64) and k8.dtype == torch.int8 and k_scale.shape == (2, 3, padded // block)
     assert v8.shape == (2, 3, 64, padded) and v8.dtype == torch.float8_e4m3fn
     assert v_scale.shape == v_mean.shape == (2, 3, 64)
     assert q8[0, 5, 1].eq(0).all()
@@ -88,14 +89,16 @@ def test_quantised_inputs_are_within_half_a_step():
     assert q8.abs().amax(dim=-1)[q_scale > 1e-30].eq(127).all()  # every nonzero row uses the full range
 
     smoothed = (k - k.mean(dim=1, keepdim=True)).double().transpose(1, 2)
-    k_step = k_scale.double()[..., None]
+    k_step = k_scale.double().repeat_interleave(block, dim=2)[..., None]  # one scale per block of keys
     assert ((k8.double() * k_step)[:, :, :70] - smoothed).abs().le(k_step[:, :, :70] / 2 * (1 + 1e-6)).all()
+    assert k8.view(2, 3, -1, block * 64).abs().amax(dim=-1).eq(127).all()  # every block uses the full range
     assert k8[:, :, 70:].eq(0).all()
 
     centred = (v.double() - v.double().mean(dim=1, keepdim=True)).permute(0, 2, 3, 1)
     dequantised = v8.double()[..., :70] * v_scale.double()[..., None]
     # e4m3 keeps 3 mantissa bits: within 1/16 relative, or half the subnormal step 2^-9 of the scale
-    assert ((dequantised - centred).abs() <= (centred.abs() / 16).clamp_min(2.0**-10 * v_scale.double()[..., None].max())).all()
+    floor = 2.0**-10 * v_scale.double()[..., None].max()
+    assert ((dequantised - centred).abs() <= (centred.abs() / 16).clamp_min(floor)).all()
     assert v8[..., 70:].float().eq(0).all()
 
 
