@@ -56,9 +56,9 @@ SDPA_CUDA_KERNELS = {
 SDPA_CUDA_KERNEL = "cudnn"
 
 # Fastest first, as measured on the H100 at the 14B's shapes (benchmarks/RESULTS.md): self-attention
-# 77 ms (sdpa/cuDNN) vs 100 ms (sage); whole forward at 117 frames 7.2 s vs 8.3 s. int8fp8 is not
-# ranked: it wins only with compiled blocks (4.18 vs 4.53 s a forward in fp8; eager, where its
-# quantisation runs unfused, 6.68 vs 6.60 s) and costs accuracy (1.1% at the velocity), so it is asked for.
+# 77 ms (sdpa/cuDNN) vs 100 ms (sage); whole forward at 117 frames 7.2 s vs 8.3 s. int8fp8 is faster
+# still (3.97 vs 4.53 s a compiled fp8 forward; 6.48 vs 6.61 s eager bf16) but not ranked: it trades
+# accuracy for it (1.1% at the velocity, 5% on near-uniform attention), so it is asked for by name.
 AUTO_RANKING = ("sdpa", "sage")
 
 SAGE_BLOCK_N = 64  # sageattention 1.0.6's key block
@@ -125,7 +125,7 @@ def sage_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
 
 INT8FP8_CAPABILITY = (9, 0)  # Hopper: INT8 and FP8 wgmma, TMA; the only architecture it was built and measured on
 # Shorter key sets (the DiT's cross-attention: 512 text, 257 CLIP, 32 audio keys) go to sdpa: there the
-# H100 measured cuDNN faster (1.34 vs 1.64 ms at 512 keys, quantisation included) and 15x more exact
+# H100 measured cuDNN faster (1.36 vs 1.68 ms at 512 keys, quantisation included) and 15x more exact
 # (0.2% vs 3.6%). Self-attention has at least 8 latent frames x 1,560 tokens at 480p.
 INT8FP8_MIN_KEYS = 4096
 
