@@ -141,18 +141,18 @@ def _quantise(x: torch.Tensor, dims: tuple[int, ...], scale_factor: float = 1.0)
     return values, scale * scale_factor
 
 
-def quantise_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_n: int | None = None):
+def quantise_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     """The kernel's inputs from q, k, v [B, L, H, D] (any float dtype): q8 [B, Lq, H, D] and q_scale
-    [B, Lq, H] (one per token and head), k8 [B, H, Lkp, D] and k_scale [B, H, Lkp / block_n] (one per
+    [B, Lq, H] (one per token and head), k8 [B, H, Lkp, D] and k_scale [B, H, Lkp / BLOCK_N] (one per
     block of keys and head), v8 [B, H, D, Lkp] (the layout Hopper's FP8 MMA reads), v_scale and v_mean
-    [B, H, D]; keys padded with zeros to Lkp, a multiple of `block_n`. q_scale carries the softmax's
+    [B, H, D]; keys padded with zeros to Lkp, a multiple of BLOCK_N. q_scale carries the softmax's
     1/sqrt(D) * log2(e)."""
-    block_n = block_n or BLOCK_N
-    (batch, key_len, heads, head_dim), pad = k.shape, -k.shape[1] % block_n
+    batch, _, heads, head_dim = k.shape
+    pad = -k.shape[1] % BLOCK_N
     q8, q_scale = _quantise(q.float(), (-1,), LOG2E / math.sqrt(head_dim))
     k = k.float()
     k = torch.nn.functional.pad((k - k.mean(dim=1, keepdim=True)).transpose(1, 2), (0, 0, 0, pad))
-    k8, k_scale = _quantise(k.view(batch, heads, -1, block_n, head_dim), (-2, -1))
+    k8, k_scale = _quantise(k.view(batch, heads, -1, BLOCK_N, head_dim), (-2, -1))
     v = v.float()
     v_mean = v.mean(dim=1, keepdim=True)
     v = v - v_mean
