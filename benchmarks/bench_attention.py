@@ -1,6 +1,6 @@
 """The 8-bit attention kernel (pipeline/kernels/attention_int8fp8.py) against SDPA/cuDNN, on one GPU.
 
-    python benchmarks/bench_attention.py --out DIR           # CUDA, sm89+
+    python benchmarks/bench_attention.py --out DIR           # a Hopper GPU (sm90)
 
 Sections (each result goes to DIR/bench_attention.json as soon as it exists):
   tune    the kernel alone (inputs quantised beforehand) at the 14B's self-attention shape

@@ -423,36 +423,15 @@ class Bench:
     # ------------------------------------------------------------------ profile
 
     def profile(self, model, label, frames):
-        from torch.profiler import ProfilerActivity, profile
         inputs = self.inputs(frames)
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
         with torch.inference_mode():
             model(**inputs)  # warm
             self.sync()
-            with profile(activities=activities) as prof:
-                model(**inputs)
-                self.sync()
-        rows = []
-        for evt in prof.key_averages():
-            if self.cuda:  # GPU kernels only: CPU-side op rows would count their kernels' time again
-                if getattr(evt, "device_type", None) != torch.autograd.DeviceType.CUDA:
-                    continue
-                t = getattr(evt, "self_device_time_total", None)
-                t = getattr(evt, "self_cuda_time_total", 0) if t is None else t
-            else:
-                t = evt.self_cpu_time_total
-            if t > 0:
-                rows.append({"name": evt.key[:200], "self_ms": t / 1e3, "count": evt.count})
-        rows.sort(key=lambda r: -r["self_ms"])
-        total = sum(r["self_ms"] for r in rows)
-        cats: dict[str, float] = {}
-        for r in rows:
-            cats[categorise(r["name"])] = cats.get(categorise(r["name"]), 0.0) + r["self_ms"]
-        self.results.setdefault("profile", {})[f"{label}@{frames}"] = {
-            "total_ms": total, "categories_ms": dict(sorted(cats.items(), key=lambda kv: -kv[1])), "top": rows[:40],
-        }
-        print(f"  profile {label}@{frames}: total {total:.0f} ms; {cats}", flush=True)
-        for r in rows[:15]:
+            table = profile_kernels(lambda: model(**inputs), self.cuda)
+        self.results.setdefault("profile", {})[f"{label}@{frames}"] = table
+        total = table["total_ms"]
+        print(f"  profile {label}@{frames}: total {total:.0f} ms; {table['categories_ms']}", flush=True)
+        for r in table["top"][:15]:
             print(f"    {r['self_ms']:9.1f} ms {100 * r['self_ms'] / total:5.1f}% x{r['count']:5d} {r['name'][:110]}", flush=True)
 
     # ------------------------------------------------------------------ all
@@ -606,6 +585,47 @@ def time_ms(fn, warmup: int, reps: int, cuda: bool) -> list[float]:
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return times
+
+
+def profile_kernels(fn, cuda: bool, top: int = 40) -> dict:
+    """One call of `fn` under torch.profiler: kernel time by category and the `top` kernels. On a GPU
+    only GPU kernels count (CPU-side op rows would count their kernels' time again)."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+    rows = []
+    for evt in prof.key_averages():
+        if cuda:
+            if getattr(evt, "device_type", None) != torch.autograd.DeviceType.CUDA:
+                continue
+            t = getattr(evt, "self_device_time_total", None)
+            t = getattr(evt, "self_cuda_time_total", 0) if t is None else t
+        else:
+            t = evt.self_cpu_time_total
+        if t > 0:
+            rows.append({"name": evt.key[:200], "self_ms": t / 1e3, "count": evt.count})
+    rows.sort(key=lambda r: -r["self_ms"])
+    cats: dict[str, float] = {}
+    for r in rows:
+        cats[categorise(r["name"])] = cats.get(categorise(r["name"]), 0.0) + r["self_ms"]
+    return {"total_ms": sum(r["self_ms"] for r in rows),
+            "categories_ms": dict(sorted(cats.items(), key=lambda kv: -kv[1])), "top": rows[:top]}
+
+
+def host_status() -> dict:
+    """Resident set now and its peak (GiB), from /proc/self/status."""
+    out = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0]) * 1024 / GiB
+    except OSError:
+        pass
+    return out
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_dit import TINY  # noqa: E402
+from bench_dit import TINY, host_status  # noqa: E402
 
 from pipeline.models.checkpoints import WAN_CONFIG, CheckpointPaths, key_kind, load_dit  # noqa: E402
 from pipeline.models.dit import DiTConfig, keeps_fp32  # noqa: E402
@@ -36,16 +36,6 @@ GiB = 2**30
 SHARDS = 7
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CONFIG_FIELDS = ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim", "text_len", "freq_dim", "eps")
-
-
-def status() -> dict[str, float]:
-    """VmRSS and VmHWM of this process, GiB."""
-    fields = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            fields[key] = int(value.split()[0]) * 1024 / GiB
-    return fields
 
 
 def paths_in(root: Path) -> CheckpointPaths:
@@ -77,13 +67,13 @@ def load(root: Path, quant: str | None) -> dict:
     cuda = DEVICE == "cuda"
     if cuda:
         torch.empty(1, device=DEVICE)  # the CUDA context, before the baseline
-    before = status()
+    before = host_status()
     started = time.perf_counter()
     model = load_dit(paths.dit_files(), paths.infinitetalk, paths.dit_config(), DEVICE, torch.bfloat16, quant)
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - started
-    after = status()
+    after = host_status()
     return {"quant": quant, "device": DEVICE, "s": seconds, "baseline": before, "after": after,
             "peak_rss_gib": after["VmHWM"], "growth_gib": after["VmHWM"] - before["VmRSS"],
             "gpu_allocated_gib": torch.cuda.memory_allocated() / GiB if cuda else None,

@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_dit import categorise  # noqa: E402
+from bench_dit import profile_kernels  # noqa: E402
 from diffusers import AutoencoderKLWan  # noqa: E402
 
 from pipeline.models.vae import WanVAE  # noqa: E402
@@ -47,20 +47,6 @@ def timed(fn, reps=3) -> tuple[float, torch.Tensor]:
 
 def rel(a, b) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
-def profile(fn) -> dict:
-    from torch.profiler import ProfilerActivity, profile as torch_profile
-    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    rows = [{"name": e.key[:160], "ms": e.self_device_time_total / 1e3, "count": e.count}
-            for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0]
-    rows.sort(key=lambda r: -r["ms"])
-    categories: dict[str, float] = {}
-    for r in rows:
-        categories[categorise(r["name"])] = categories.get(categorise(r["name"]), 0.0) + r["ms"]
-    return {"total_ms": sum(r["ms"] for r in rows), "categories_ms": categories, "top": rows[:20]}
 
 
 def main():
@@ -87,10 +73,10 @@ def main():
         results["encode_25_frames_s"] = timed(lambda: vae.encode(frames))[0]
         results["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         print("default", results, flush=True)
-        results["profile_default"] = profile(lambda: vae.decode(latents))
+        results["profile_default"] = profile_kernels(lambda: vae.decode(latents), cuda=True, top=20)
         print("profile", results["profile_default"]["categories_ms"], flush=True)
         for row in results["profile_default"]["top"][:12]:
-            print(f"  {row['ms']:8.1f} ms x{row['count']:5d} {row['name'][:110]}", flush=True)
+            print(f"  {row['self_ms']:8.1f} ms x{row['count']:5d} {row['name'][:110]}", flush=True)
         save()
 
         if "channels_last_3d" in args.variants:

@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_dit import Bench as DiTBench  # noqa: E402
+from bench_dit import host_status  # noqa: E402
 from diffusers import AutoencoderKLWan  # noqa: E402
 from hydra import compose, initialize_config_module  # noqa: E402
 
@@ -70,19 +71,6 @@ def preset(memory: str, quant: str):
     with initialize_config_module("conf", version_base=None):
         cfg = compose("config", overrides=[f"memory={memory}", f"quant={quant}"])
     return memory_settings(cfg), cfg.quant.mode
-
-
-def host_status() -> dict:
-    """Resident set now and its peak (GiB), from /proc/self/status."""
-    out = {}
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                out[key] = int(value.split()[0]) * 1024 / GiB
-    except OSError:
-        pass
-    return out
 
 
 def reset_host_peak() -> bool:
