@@ -357,8 +357,16 @@ class Rank:
             self.save()
 
 
-def worker(rank: int, world: int, port: int, args) -> None:
-    cuda = torch.cuda.is_available() and not args.tiny_cpu
+def run_group(fn, world: int, cuda: bool, *args) -> None:
+    """fn(rank, world, *args) in `world` spawned processes that form the default process group: NCCL
+    with rank r on GPU r, or gloo on the CPU (its cores shared out). Also used by bench_window.py."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_member, args=(fn, world, port, cuda, args), nprocs=world)
+
+
+def _member(rank: int, fn, world: int, port: int, cuda: bool, args: tuple) -> None:
     kw = {"device_id": torch.device("cuda", rank)} if cuda else {}
     if cuda:
         torch.cuda.set_device(rank)
@@ -369,9 +377,13 @@ def worker(rank: int, world: int, port: int, args) -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     try:
-        Rank(rank, world, args).main()
+        fn(rank, world, *args)
     finally:
         dist.destroy_process_group()
+
+
+def worker(rank: int, world: int, args) -> None:
+    Rank(rank, world, args).main()
 
 
 def summary(out: Path) -> None:
@@ -421,10 +433,7 @@ def main():
     args.tiny_cpu = args.tiny or not torch.cuda.is_available()
     world = args.ranks or (torch.cuda.device_count() if not args.tiny_cpu else 2)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(worker, args=(world, port, args), nprocs=world)
+    run_group(worker, world, not args.tiny_cpu, args)
     summary(Path(args.out))
 
 

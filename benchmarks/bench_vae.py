@@ -1,16 +1,16 @@
-"""The Wan VAE's share of a window on one GPU: where its decode spends the time, and what would speed it up.
+"""The Wan VAE's share of a window on one GPU: the streamed decode against diffusers', and its cost.
 
     python benchmarks/bench_vae.py --out DIR          # CUDA; diffusers AutoencoderKLWan() defaults, random weights, bf16
 
-Through pipeline.models.vae.WanVAE, as the renderer calls it: the decode of one 117-frame window
-(latent 16 x 30 x 60 x 104 -> 117 x 480 x 832) and the encode of its last 25 frames (the next window's
-motion latents). Variants of the decode, each against the default's output:
-  default           eager, NCDHW
-  channels_last_3d  the conv3d weights in NDHWC (cuDNN's preferred layout on Hopper; the default decode
-                    spends ~0.3 s converting layouts)
-  compiled          torch.compile of the decoder's forward (dynamic=False)
-Plus a torch.profiler table of the default decode's kernels. Times: wall clock around a synchronised
-call, one warm-up, median of 3.
+The decode of one 117-frame window (latent 16 x 30 x 60 x 104 -> 117 x 480 x 832) and the encode of its
+last 25 frames (the next window's motion latents), in bf16. Decodes, each timed and compared with an fp32
+decode of the same latents by diffusers (the reference) and with diffusers' bf16 decode:
+  diffusers         AutoencoderKLWan.decode, what WanVAE ran before pipeline/models/vae_decode.py
+  stream            WanVAE.decode: the streamed decode, eager (memory.compile off)
+  stream_compiled   the same after compile_vae_decoder (memory.compile on); its first call is timed apart
+  *_cl3d            the same with the conv3d weights in channels_last_3d (cuDNN's layout on Hopper)
+Plus torch.profiler tables of the diffusers and the compiled decodes. Times: wall clock around a
+synchronised call, one warm-up, median of 3; peak = max_memory_allocated during the calls.
 """
 
 import argparse
@@ -27,13 +27,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_dit import profile_kernels  # noqa: E402
+from bench_dit import profile_kernels, rel_err  # noqa: E402
 from diffusers import AutoencoderKLWan  # noqa: E402
 
+from pipeline.kernels.compile import compile_vae_decoder  # noqa: E402
 from pipeline.models.vae import WanVAE  # noqa: E402
 
 
-def timed(fn, reps=3) -> tuple[float, torch.Tensor]:
+def timed(fn, reps=3) -> dict:
+    torch.cuda.reset_peak_memory_stats()
     out = fn()
     torch.cuda.synchronize()
     times = []
@@ -42,17 +44,18 @@ def timed(fn, reps=3) -> tuple[float, torch.Tensor]:
         out = fn()
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+    return {"s": statistics.median(times), "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "out": out}
 
 
-def rel(a, b) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+def conv3d_weights(module, memory_format) -> None:
+    for p in module.parameters():
+        if p.dim() == 5:
+            p.data = p.data.contiguous(memory_format=memory_format)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/out"))
-    parser.add_argument("--variants", default="channels_last_3d,compiled", help="decode variants after the default")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -62,47 +65,56 @@ def main():
     save = lambda: (out / "bench_vae.json").write_text(json.dumps(results, indent=1))  # noqa: E731
 
     module = AutoencoderKLWan().to("cuda", torch.bfloat16).eval().requires_grad_(False)
-    vae = WanVAE(module)
     gen = torch.Generator("cuda").manual_seed(0)
     latents = torch.randn(1, 16, 30, 60, 104, device="cuda", generator=gen)
     frames = torch.rand(1, 3, 25, 480, 832, device="cuda", generator=gen) * 2 - 1
 
     with torch.inference_mode():
-        seconds, reference = timed(lambda: vae.decode(latents))
-        results["decode_default_s"] = seconds
-        results["encode_25_frames_s"] = timed(lambda: vae.encode(frames))[0]
-        results["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        print("default", results, flush=True)
-        results["profile_default"] = profile_kernels(lambda: vae.decode(latents), cuda=True, top=20)
-        print("profile", results["profile_default"]["categories_ms"], flush=True)
-        for row in results["profile_default"]["top"][:12]:
-            print(f"  {row['self_ms']:8.1f} ms x{row['count']:5d} {row['name'][:110]}", flush=True)
-        save()
+        module32 = AutoencoderKLWan().to("cuda").eval().requires_grad_(False)
+        module32.load_state_dict(module.state_dict())  # the same (bf16-rounded) weights in fp32
+        vae32 = WanVAE(module32)
+        z = latents * vae32.latents_std.cuda() + vae32.latents_mean.cuda()  # WanVAE.decode's de-normalisation
+        reference = module32.decode(z).sample.clamp(-1, 1)
+        del module32, vae32
+        torch.cuda.empty_cache()
 
-        if "channels_last_3d" in args.variants:
-            convs = [p for p in module.parameters() if p.dim() == 5]  # the conv3d weights
-            for p in convs:
-                p.data = p.data.to(memory_format=torch.channels_last_3d)
-            seconds, got = timed(lambda: vae.decode(latents))
-            results["decode_channels_last_3d"] = {"s": seconds, "rel_err": rel(got, reference)}
-            for p in convs:
-                p.data = p.data.contiguous()
-            print("channels_last_3d", results["decode_channels_last_3d"], flush=True)
+        vae = WanVAE(module)
+        diffusers = timed(lambda: module.decode(z.to(torch.bfloat16)).sample.float().clamp(-1, 1))
+
+        def record(name, run):
+            got = run.pop("out")
+            run |= {"rel_err_vs_fp32": rel_err(got, reference), "rel_err_vs_diffusers_bf16": rel_err(got, diffusers["out"])}
+            results[name] = run
+            print(name, run, flush=True)
             save()
 
-        if "compiled" in args.variants:
-            eager_forward = module.decoder.forward
-            module.decoder.forward = torch.compile(eager_forward, dynamic=False)
+        record("diffusers", dict(diffusers))
+        results["encode_25_frames_s"] = timed(lambda: vae.encode(frames))["s"]
+        record("stream", timed(lambda: vae.decode(latents)))
+        conv3d_weights(module, torch.channels_last_3d)
+        record("stream_cl3d", timed(lambda: vae.decode(latents)))
+        conv3d_weights(module, torch.contiguous_format)
+
+        compile_vae_decoder(vae)
+        for name in ("stream_compiled", "stream_compiled_cl3d"):
+            if name.endswith("cl3d"):
+                conv3d_weights(module, torch.channels_last_3d)
             t0 = time.perf_counter()
             vae.decode(latents)
             torch.cuda.synchronize()
             first = time.perf_counter() - t0
-            seconds, got = timed(lambda: vae.decode(latents))
-            results["decode_compiled"] = {"s": seconds, "first_call_s": first, "rel_err": rel(got, reference)}
-            module.decoder.forward = eager_forward
-            print("compiled", results["decode_compiled"], flush=True)
-            save()
+            record(name, timed(lambda: vae.decode(latents)) | {"first_call_s": first})
 
+        # the compiled decode first: its graph holds the channels_last_3d weights
+        for name, fn in (("stream_compiled_cl3d", lambda: vae.decode(latents)),
+                         ("diffusers", lambda: module.decode(z.to(torch.bfloat16)))):
+            conv3d_weights(module, torch.channels_last_3d if name.endswith("cl3d") else torch.contiguous_format)
+            profile = profile_kernels(fn, cuda=True, top=15)
+            results[f"profile_{name}"] = profile
+            print(f"profile {name}", profile["total_ms"], profile["categories_ms"], flush=True)
+            for row in profile["top"][:12]:
+                print(f"  {row['self_ms']:8.1f} ms x{row['count']:5d} {row['name'][:110]}", flush=True)
+            save()
 
 if __name__ == "__main__":
     main()

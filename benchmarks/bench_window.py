@@ -2,6 +2,8 @@
 
     python benchmarks/bench_window.py --out DIR           # the 14B on CUDA (random weights), 117 frames 832x480
     python benchmarks/bench_window.py --tiny --out DIR    # the same code at toy size (CPU: memory=none and fast)
+    python benchmarks/bench_window.py --sp 2 --only fast/fp8 --attention int8fp8 --out DIR   # 2 GPUs, Ulysses
+    python benchmarks/bench_window.py --tiny --sp 2 --out DIR     # toy size; without CUDA: 2 processes, gloo
 
 A window is what the renderer does for every window after the first (pipeline.render): 4 steps of one
 DiT pass each (flowmatch_distill, text and audio scale 1) with 7 clean motion latents, the VAE decode
@@ -19,16 +21,30 @@ converter (so what is measured is what the presets say), with a quantisation mod
   12gb/fp8   24gb/fp8            the fp8 layers switched between modes in place
 
 Per configuration: one DiT forward first (it compiles the blocks at this shape, or finds the graph an
-earlier configuration compiled: the cache is per code object, shared by the models), then once per
+earlier configuration compiled: the cache is per code object, shared by the models; with compile, one
+VAE decode too, for its compiled graphs), then once per
 job the VAE encode of the 117-frame [reference, zeros] conditioning (timed where the VAE tiling
 changes; every window uses the first, untiled one, so that the final latents of two configurations
 differ only by the DiT), then the timed window. Times are wall-clock around synchronised phases; peak GPU memory is
 torch.cuda.max_memory_allocated (and _reserved, what the allocator held) over each phase, weights
 included; host RAM is the process's resident set (VmRSS; peak VmHWM, reset per window through
 /proc/self/clear_refs). Results go to DIR/bench_window.json as they come, so a run cut short keeps them.
+
+--sp G: the window of a sequence-parallel group of G GPUs, as the farm runs one (farm/actors.py): G
+processes (bench_sequence_parallel.run_group: NCCL, or gloo on the CPU; NVLink multicast off), each
+holding the whole model and VAE. Every rank builds them and the inputs as above, takes rank 0's weights
+and inputs (broadcast), applies quant, attention and compile as above, then
+pipeline.parallel.apply_sequence_parallel; all ranks run the same window in lockstep, the VAE decode,
+colour match and motion encode on every rank. The ranks start each window together (a barrier); a
+phase's time (and peak memory) is the largest over the ranks. Labels end in /spG (e.g. fast/fp8/sp2);
+--only takes the labels without it. Only presets without block offload run (fast, or none where
+compiling cannot run); asking for one with offload is an error. `ranks_max_abs_diff` records the
+largest difference across the ranks of the window's final latents and of its motion latents (the next
+window's input): 0 when the ranks agree, as they must to stay in lockstep. Rank 0 writes the results.
 """
 
 import argparse
+import contextlib
 import datetime
 import gc
 import json
@@ -41,12 +57,14 @@ import traceback
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_dit import Bench as DiTBench  # noqa: E402
 from bench_dit import host_status  # noqa: E402
+from bench_sequence_parallel import run_group  # noqa: E402
 from diffusers import AutoencoderKLWan  # noqa: E402
 from hydra import compose, initialize_config_module  # noqa: E402
 
@@ -55,11 +73,12 @@ from pipeline.color import match_colors  # noqa: E402
 from pipeline.job import RenderSettings  # noqa: E402
 from pipeline.kernels import attention, fp8  # noqa: E402
 from pipeline.kernels.attention import apply_attention  # noqa: E402
-from pipeline.kernels.compile import compile_blocks, compile_problem  # noqa: E402
+from pipeline.kernels.compile import compile_blocks, compile_problem, compile_vae_decoder  # noqa: E402
 from pipeline.kernels.offload import offload_blocks, offload_problem  # noqa: E402
 from pipeline.models.checkpoints import Models  # noqa: E402
 from pipeline.models.tiny import TINY_VAE  # noqa: E402
 from pipeline.models.vae import VAETiling, WanVAE, latent_frames  # noqa: E402
+from pipeline.parallel import apply_sequence_parallel  # noqa: E402
 from pipeline.render import JobInputs, WindowRenderer  # noqa: E402
 from pipeline.windows import Window, window_audio  # noqa: E402
 
@@ -82,8 +101,9 @@ def reset_host_peak() -> bool:
 
 
 class WindowBench:
-    def __init__(self, args):
-        self.args = args
+    def __init__(self, args, rank: int = 0, world: int = 1):
+        self.args, self.rank, self.world = args, rank, world
+        # in a group, "cuda" is the rank's own GPU: run_group made it the current device
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.cuda = self.device.type == "cuda"
         self.out = Path(args.out)
@@ -102,10 +122,34 @@ class WindowBench:
     # ------------------------------------------------------------------ plumbing
 
     def save(self):
-        (self.out / "bench_window.json").write_text(json.dumps(self.results, indent=1, default=str))
+        if self.rank == 0:
+            (self.out / "bench_window.json").write_text(json.dumps(self.results, indent=1, default=str))
 
     def left(self) -> float:
-        return self.args.budget_s - (time.perf_counter() - self.started)
+        # rank 0's clock decides for the group: ranks that disagreed on skipping a configuration would hang
+        return self.from_rank0(torch.tensor([self.args.budget_s - (time.perf_counter() - self.started)])).item()
+
+    def from_rank0(self, t: torch.Tensor) -> torch.Tensor:
+        """t overwritten in place with rank 0's value (alone: t as it is)."""
+        if self.world > 1:
+            on_device = t.to(self.device)  # NCCL moves GPU tensors only
+            dist.broadcast(on_device, src=0)
+            t.copy_(on_device)
+        return t
+
+    def slowest(self, values: dict) -> dict:
+        """Each value's maximum over the ranks: a phase of the group lasts as long as on its slowest rank."""
+        if self.world == 1:
+            return values
+        t = torch.tensor(list(values.values()), dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return dict(zip(values, t.tolist(), strict=True))
+
+    def together(self):
+        """Start the ranks together (alone: just synchronise)."""
+        self.sync()
+        if self.world > 1:
+            dist.barrier()
 
     def sync(self):
         if self.cuda:
@@ -127,7 +171,8 @@ class WindowBench:
         return torch.cuda.memory_allocated() / GiB if self.cuda else None
 
     def step(self, name, fn, *a, **kw):
-        """Run one part; record its failure and go on."""
+        """Run one part; record its failure and go on (in a group, stop: the ranks that did not fail
+        would wait for the failed one in their next collective)."""
         t0 = time.perf_counter()
         print(f"[{name}] start at {t0 - self.started:.0f} s", flush=True)
         try:
@@ -135,6 +180,8 @@ class WindowBench:
         except Exception as exc:
             self.results["errors"][name] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-3000:]}"
             print(f"[{name}] FAILED: {type(exc).__name__}: {str(exc)[:500]}", flush=True)
+            if self.world > 1:
+                raise
             return None
         finally:
             print(f"[{name}] {time.perf_counter() - t0:.1f} s", flush=True)
@@ -146,7 +193,7 @@ class WindowBench:
         info = {
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-            "device": str(self.device), "tiny": self.args.tiny, "command": " ".join(sys.argv),
+            "device": str(self.device), "tiny": self.args.tiny, "command": " ".join(sys.argv), "sp": self.world,
             "window": [self.frames_n, self.motion_n, self.height, self.width], "cpus": os.cpu_count(),
             "compile_problem": compile_problem(self.device), "offload_problem": offload_problem(self.device),
             "attention": attention.describe(attention.get_attention(self.args.attention, self.device)),
@@ -183,11 +230,16 @@ class WindowBench:
         )
         m = latent_frames(self.motion_n)
         self.motion = torch.randn(1, 16, m, self.height // 8, self.width // 8, generator=gen)
+        for t in (self.inputs.text, self.inputs.text_null, self.inputs.audio, self.inputs.references,
+                  self.inputs.clip_tokens, self.motion):
+            self.from_rank0(t)
 
     def make_vae(self):
         t0 = time.perf_counter()
         module = AutoencoderKLWan(**(TINY_VAE if self.args.tiny else {}))
         self.vae_module = module.to(self.device, torch.bfloat16).eval().requires_grad_(False)
+        for p in module.parameters():  # initialised from the unseeded global RNG
+            self.from_rank0(p.data)
         self.results["vae"] = {"params": sum(p.numel() for p in module.parameters()), "build_s": time.perf_counter() - t0}
 
     def build(self, quant: str):
@@ -196,6 +248,8 @@ class WindowBench:
         if self.cuda:
             torch.cuda.empty_cache()
         model = self.dit_bench.build_model()
+        for p in model.parameters():  # one set of weights on every rank, whatever each rank's RNG did
+            self.from_rank0(p.data)
         apply_attention(model, self.args.attention, self.device)
         if quant != "none":
             fp8.apply_fp8(model, quant, self.device)
@@ -224,6 +278,8 @@ class WindowBench:
             state["h2d"] = self.h2d_rate(state["offload"])
         if memory.offload:
             state["offload"].ahead = memory.offload_ahead
+        if self.world > 1 and "sp" not in state:  # last, as the farm applies it to the loaded model
+            state["sp"] = apply_sequence_parallel(model)
         if self.cuda:
             torch.cuda.empty_cache()
 
@@ -253,13 +309,16 @@ class WindowBench:
             entry["offload"] = {"host_gib": state["offload"].host_bytes / GiB, "ahead": state["offload"].ahead,
                                 "setup_s": state.get("offload_s"), "h2d": state.get("h2d")}
         vae = WanVAE(self.vae_module, memory.vae_tiling)
+        if memory.compile:
+            compile_vae_decoder(vae)
         renderer = WindowRenderer(Models(dit=model, vae=vae), self.inputs, self.settings, seed=0)
         if conditioning == "measure" or not hasattr(self, "conditioning"):
+            self.together()
             self.reset_peak()
             t0 = time.perf_counter()
             renderer.conditioning(0, self.frames_n)
             self.sync()
-            entry["conditioning_per_job"] = {"s": time.perf_counter() - t0, **self.peaks()}
+            entry["conditioning_per_job"] = self.slowest({"s": time.perf_counter() - t0, **self.peaks()})
             # every window renders from the first latent measured (untiled), so that the final latents of
             # the configurations compare the DiT alone
             self.__dict__.setdefault("conditioning", renderer._conditioning[0])
@@ -270,17 +329,25 @@ class WindowBench:
         y = renderer.conditioning(0, window.length).to(renderer.device, renderer.dtype)
         clip_tokens = self.inputs.clip_tokens[:1].to(renderer.device)
         audio = torch.stack([window_audio(t, window) for t in self.inputs.audio])[None].to(renderer.device)
-        x = torch.randn(1, 16, latent_frames(window.length), *y.shape[-2:]).to(renderer.device)
+        gen = torch.Generator().manual_seed(0)  # the same on every rank
+        x = torch.randn(1, 16, latent_frames(window.length), *y.shape[-2:], generator=gen).to(renderer.device)
         compiled_before = dict(state["compiled"].shapes) if state.get("compiled") else {}
+        self.together()
         self.reset_peak()
         t0 = time.perf_counter()
         with torch.no_grad():
             renderer.velocity(x, 999.0, y, clip_tokens, audio, None)
         self.sync()
-        entry["warmup_forward"] = {"s": time.perf_counter() - t0, **self.peaks()}
+        entry["warmup_forward"] = self.slowest({"s": time.perf_counter() - t0, **self.peaks()})
         if state.get("compiled"):
             new = {str(k[0][0]): v for k, v in state["compiled"].shapes.items() if k not in compiled_before}
             entry["warmup_forward"]["compiled_now"] = new
+        if memory.compile:  # the compiled VAE decode's graphs at this shape, outside the timed window
+            self.together()
+            t0 = time.perf_counter()
+            vae.decode(torch.zeros_like(x))
+            self.sync()
+            entry["warmup_decode"] = self.slowest({"s": time.perf_counter() - t0})
         del x, y, audio
 
         # the window (run `repeat` times; the phases kept are the last run's)
@@ -298,12 +365,23 @@ class WindowBench:
             entry["reserved_gib"] = max(p["reserved_gib"] for p in phases.values())
         entry["host_after"] = host_status()
         entry["finite"] = bool(torch.isfinite(frames).all()) and bool(torch.isfinite(motion).all())
+        if self.world > 1:
+            entry["ranks_max_abs_diff"] = {"latents": self.rank_difference(self.latents[label]),
+                                           "motion": self.rank_difference(motion)}
         self.frames[label] = frames[:: max(1, len(frames) // 8)].float().cpu()
         print(f"  {label}: window {window_s:.2f} s (all {[round(t, 2) for t in all_s]}), phases "
               f"{ {k: round(v['s'], 2) for k, v in phases.items()} }, peak {entry.get('peak_gib', 0):.2f} GiB "
-              f"(reserved {entry.get('reserved_gib', 0):.2f}), host {entry['host_after']}", flush=True)
+              f"(reserved {entry.get('reserved_gib', 0):.2f}), host {entry['host_after']}"
+              + (f", ranks' max abs diff {entry['ranks_max_abs_diff']}" if self.world > 1 else ""), flush=True)
         del frames, motion, renderer
         return entry
+
+    def rank_difference(self, t: torch.Tensor) -> float:
+        """max |t - rank 0's t| over the elements and the ranks."""
+        own = t.detach().float().to(self.device)
+        difference = (own - self.from_rank0(own.clone())).abs().max()
+        dist.all_reduce(difference, op=dist.ReduceOp.MAX)
+        return difference.item()
 
     def window_once(self, label, renderer, vae):
         window = self.window
@@ -324,6 +402,7 @@ class WindowBench:
 
         vae.decode = timed_decode
         reset_host_peak()
+        self.together()
         self.reset_peak()
         marks["start"] = time.perf_counter()
         frames = renderer.render(window, self.motion)
@@ -340,8 +419,8 @@ class WindowBench:
         motion = vae.encode(frames[-self.motion_n:].transpose(0, 1)[None])
         self.sync()
         phases["motion_encode"] = {"s": time.perf_counter() - t0, **self.peaks()}
-        window_s = time.perf_counter() - marks["start"]
-        return phases, frames, motion, window_s
+        window_s = self.slowest({"s": time.perf_counter() - marks["start"]})["s"]
+        return {k: self.slowest(v) for k, v in phases.items()}, frames, motion, window_s
 
     def extra_decode(self, label, tiling):
         """A decode of the last window's latent with another VAE tiling: its time and peak alone."""
@@ -414,6 +493,9 @@ class WindowBench:
         if self.args.only:
             wanted = self.args.only.split(",")
             plan = [(b, [c for c in cs if c[0] in wanted]) for b, cs in plan]
+        if self.args.sp > 1:  # the presets without block offload (asked for by name, __main__ refuses them)
+            sp = self.args.sp
+            plan = [(b, [(f"{c[0]}/sp{sp}", *c[1:]) for c in cs if not preset(c[1], c[2])[0].offload]) for b, cs in plan]
         return [(b, cs) for b, cs in plan if cs]
 
     def main(self):
@@ -451,6 +533,12 @@ class WindowBench:
         summary(self.results)
 
 
+def group_member(rank: int, world: int, args) -> None:
+    """One rank of --sp (in a process of its own); only rank 0 prints, the others would repeat it."""
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet if rank else sys.stdout):
+        WindowBench(args, rank, world).main()
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
@@ -458,16 +546,18 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def summary(results):
     print("\n=== one window (seconds; peak GPU GiB allocated / reserved; host RSS GiB) ===")
-    print(f"{'config':18s} {'window':>7s} {'DiT':>6s} {'/fwd':>5s} {'decode':>6s} {'colour':>6s} {'enc':>5s} "
+    print(f"{'config':20s} {'window':>7s} {'DiT':>6s} {'/fwd':>5s} {'decode':>6s} {'colour':>6s} {'enc':>5s} "
           f"{'peak':>6s} {'resv':>6s} {'DiT pk':>6s} {'dec pk':>6s} {'host':>6s}")
     for label, r in results["configs"].items():
         if "phases" not in r:
             continue
         p = r["phases"]
-        print(f"{label:18s} {r['window_s']:7.2f} {p['dit']['s']:6.2f} {r['dit_s_per_forward']:5.2f} {p['decode']['s']:6.2f} "
+        print(f"{label:20s} {r['window_s']:7.2f} {p['dit']['s']:6.2f} {r['dit_s_per_forward']:5.2f} {p['decode']['s']:6.2f} "
               f"{p['colour']['s']:6.2f} {p['motion_encode']['s']:5.2f} {r.get('peak_gib', math.nan):6.2f} "
               f"{r.get('reserved_gib', math.nan):6.2f} {p['dit'].get('peak_gib', math.nan):6.2f} "
               f"{p['decode'].get('peak_gib', math.nan):6.2f} {r['host_after'].get('VmHWM', math.nan):6.1f}")
+        if "ranks_max_abs_diff" in r:
+            print(f"{'':20s} ranks' max abs difference: {r['ranks_max_abs_diff']}")
     if results["errors"]:
         print("errors:", {k: v.splitlines()[0] for k, v in results["errors"].items()})
 
@@ -482,7 +572,19 @@ if __name__ == "__main__":
     parser.add_argument("--attention", default="sdpa", help="attention backend of the DiT (pipeline.kernels.attention)")
     parser.add_argument("--cudnn-benchmark-decode", action="store_true",
                         help="after each configuration, time its decode again with torch.backends.cudnn.benchmark on")
+    parser.add_argument("--sp", type=int, default=1,
+                        help="Ulysses sequence parallelism over this many GPUs (CPU processes without CUDA)")
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     args = parser.parse_args()
-    WindowBench(args).main()
+    if args.sp == 1:
+        WindowBench(args).main()
+    else:
+        cuda = torch.cuda.is_available()
+        if cuda and torch.cuda.device_count() < args.sp:
+            raise SystemExit(f"--sp {args.sp} needs {args.sp} GPUs, {torch.cuda.device_count()} visible")
+        offloaded = [label for label in args.only.split(",") if label and preset(label.split("/")[0], "none")[0].offload]
+        if offloaded:
+            raise SystemExit(f"--sp {args.sp}: block offload is not combined with sequence parallelism; "
+                             f"choose presets without it (not {', '.join(offloaded)})")
+        run_group(group_member, args.sp, cuda, args)

@@ -1,4 +1,5 @@
-"""Wan VAE: official key layout, normalisation, causality and tiling, on a tiny VAE with random weights.
+"""Wan VAE: official key layout, normalisation, causality, tiling and the streamed decode, on a tiny VAE
+with random weights.
 
 The tiny VAE has the real architecture (dim_mult [1, 2, 4, 4], 2 residual blocks, temporal downsampling
 [False, True, True], z_dim 16 as the DiT needs) with base_dim 8 instead of 96.
@@ -6,9 +7,11 @@ The tiny VAE has the real architecture (dim_mult [1, 2, 4, 4], 2 residual blocks
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 from diffusers import AutoencoderKLWan
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 
+from pipeline.kernels.compile import compile_problem, compile_vae_decoder
 from pipeline.models.vae import (
     VAETiling,
     WanVAE,
@@ -156,8 +159,9 @@ def test_a_video_prefix_encodes_to_the_latent_prefix(vae, video, latents):
 
 def test_tiled_decode(official, latents, decoded):
     # Tiles at least as large as the frame: diffusers does not tile at all, so the result is identical.
+    # (diffusers' decode against the streamed one: the same numbers up to fp32 rounding)
     whole = WanVAE.from_official(official, tiling=VAETiling(64, 64, 48, 48))
-    torch.testing.assert_close(whole.decode(latents), decoded, rtol=0, atol=0)
+    torch.testing.assert_close(whole.decode(latents), decoded, rtol=0, atol=1e-5)
 
     # 32-pixel tiles (4 latents) at stride 16: 16 blended tiles. Random weights spread every latent over
     # the whole tile, so the seams are far from invisible: observed relative L2 error 0.57 (max abs 2.0)
@@ -177,3 +181,49 @@ def test_bf16_module_keeps_fp32_normalisation(official, video, latents):
     # bf16 keeps 8 mantissa bits: observed relative L2 error 1e-2 against fp32.
     assert ((latents16 - latents).norm() / latents.norm()).item() < 0.05
     assert vae16.decode(latents16).dtype == torch.float32
+
+
+# ------------------------------------------------------------------------------------- streamed decode
+
+
+@pytest.fixture(scope="module")
+def vae64(official) -> WanVAE:
+    return WanVAE.from_official(official, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("frames", [1, 2, 5])
+def test_streamed_decode_is_diffusers_decode(vae64, frames):
+    """The streamed decode (pipeline/models/vae_decode.py) against diffusers' AutoencoderKLWan.decode, an
+    independent implementation of the official cache bookkeeping, in float64 on non-square frames.
+
+    Not to float64 precision: diffusers' nearest upsampling rounds its input to fp32 and back (exact in
+    fp32 and bf16, the dtypes it is written for), so the two differ by fp32 rounding (observed 2e-7)."""
+    gen = torch.Generator().manual_seed(frames)
+    z = torch.randn(1, 16, frames, 6, 10, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        expected = vae64.module.decode(z).sample  # (clamped inside)
+        got = vae64._decode_stream(z).clamp(-1, 1)
+    assert got.shape == expected.shape == (1, 3, 1 + 4 * (frames - 1), 48, 80)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.skipif(compile_problem("cpu") is not None, reason=f"torch.compile cannot run here: {compile_problem('cpu')}")
+def test_compiled_streamed_decode(official, latents, decoded):
+    """memory.compile: two graphs (the first chunk, every later one) for any number of latent frames."""
+    vae = WanVAE.from_official(official)
+    compile_vae_decoder(vae)
+    before = counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        torch.testing.assert_close(vae.decode(latents), decoded, rtol=0, atol=1e-5)
+        vae.decode(latents[:, :, :2])
+    assert counters["stats"]["unique_graphs"] - before == 2
+    with pytest.raises(ValueError, match="already replaced"):
+        compile_vae_decoder(vae)
+
+
+def test_only_the_wan21_decoder_streams(official):
+    with torch.device("meta"):
+        wan22 = AutoencoderKLWan(**TINY, is_residual=True)
+    with pytest.raises(ValueError, match="only the Wan2.1 decoder"):
+        WanVAE(wan22)

@@ -1,6 +1,8 @@
-"""Regional torch.compile of the DiT: every block's forward compiled, one compiled graph shared by all.
+"""Regional torch.compile of the DiT: every block's forward compiled, one compiled graph shared by all;
+and of the VAE's streamed decode.
 
     compile_blocks(model, device=None) -> CompiledBlocks   compile each block of `model.blocks` in place
+    compile_vae_decoder(vae)                               compile WanVAE's decode chunk in place
     compile_problem(device)                                why torch.compile cannot run on `device`, or None
 
 Why the blocks: the 40 blocks are one class with one `forward`. Dynamo keeps compiled code per code
@@ -27,7 +29,7 @@ What recompiles (dynamic=False: every shape is static, so every new shape is a n
   - a change of grad mode (no_grad vs inference_mode), of the attention function (apply_attention
     after compile_blocks) or of the fp8 layers' mode: all are guarded (these are not logged).
 Every shape is one cache entry of Block.forward's code object; past dynamo's recompile limit (8 by
-default) the blocks would quietly run eagerly, so compile_blocks raises it to RECOMPILE_LIMIT.
+default) the blocks would quietly run eagerly, so both functions raise it to RECOMPILE_LIMIT.
 
 A device where torch.compile cannot run (no C++ compiler for the CPU backend, no working Triton for
 CUDA) is a start-up error (KernelUnavailable), found by compiling and running a probe function there:
@@ -44,6 +46,8 @@ import torch._dynamo
 import torch.nn as nn
 
 from pipeline.kernels import KernelUnavailable
+from pipeline.models.vae import WanVAE
+from pipeline.models.vae_decode import decode_chunk
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +85,7 @@ def compile_problem(device: torch.device | str) -> str | None:
 def check_compile(device: torch.device | str) -> None:
     problem = compile_problem(device)
     if problem is not None:
-        raise KernelUnavailable(f"compiled DiT blocks (torch.compile) cannot run on {device}: {problem}")
+        raise KernelUnavailable(f"torch.compile (DiT blocks, VAE decode) cannot run on {device}: {problem}")
 
 
 @dataclass
@@ -118,12 +122,7 @@ def compile_blocks(model: nn.Module, device: torch.device | str | None = None) -
     if device is None:
         device = next(p.device for n, p in model.named_parameters() if not n.startswith("blocks."))
     check_compile(device)
-    config = torch._dynamo.config
-    # (named cache_size_limit and accumulated_cache_size_limit before torch 2.6)
-    limit, total = ("recompile_limit", "accumulated_recompile_limit") if hasattr(config, "recompile_limit") else (
-        "cache_size_limit", "accumulated_cache_size_limit")
-    setattr(config, limit, max(getattr(config, limit), RECOMPILE_LIMIT))
-    setattr(config, total, max(getattr(config, total), 2 * RECOMPILE_LIMIT))
+    _raise_recompile_limit()
 
     state = CompiledBlocks(len(blocks))
     for block in blocks:
@@ -141,6 +140,30 @@ def compile_blocks(model: nn.Module, device: torch.device | str | None = None) -
             return out
 
         block.forward = forward  # an instance attribute: nn.Module.__call__ (and its hooks) stay eager
-    log.info("compile_blocks: %d blocks of %s on %s, torch.compile(dynamic=False), recompile limit %d",
-             len(blocks), type(blocks[0]).__name__, device, getattr(config, limit))
+    log.info("compile_blocks: %d blocks of %s on %s, torch.compile(dynamic=False)", len(blocks),
+             type(blocks[0]).__name__, device)
     return state
+
+
+def compile_vae_decoder(vae: WanVAE) -> None:
+    """torch.compile the VAE's streamed decode chunk (dynamic=False) on the VAE's device.
+
+    Two graphs per output size: the first chunk and every later one (pipeline/models/vae_decode.py). A
+    tiled decode is diffusers' own and stays eager. KernelUnavailable if torch.compile cannot run there."""
+    if vae.decode_chunk is not decode_chunk:
+        raise ValueError("the VAE's decode chunk is already replaced (compiled twice?)")
+    check_compile(vae.device)
+    _raise_recompile_limit()
+    vae.decode_chunk = torch.compile(decode_chunk, dynamic=False)
+    log.info("compile_vae_decoder: the streamed VAE decode on %s, torch.compile(dynamic=False)", vae.device)
+
+
+def _raise_recompile_limit() -> None:
+    """Every shape is one cache entry of the compiled code object; past dynamo's recompile limit (8 by
+    default) it would quietly run eagerly. Raised to RECOMPILE_LIMIT, a process-wide setting."""
+    config = torch._dynamo.config
+    # (named cache_size_limit and accumulated_cache_size_limit before torch 2.6)
+    limit, total = ("recompile_limit", "accumulated_recompile_limit") if hasattr(config, "recompile_limit") else (
+        "cache_size_limit", "accumulated_cache_size_limit")
+    setattr(config, limit, max(getattr(config, limit), RECOMPILE_LIMIT))
+    setattr(config, total, max(getattr(config, total), 2 * RECOMPILE_LIMIT))

@@ -23,8 +23,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKLWan
 from torch import Tensor
+
+from pipeline.models.vae_decode import check_decoder, decode_chunk
 
 TEMPORAL_FACTOR = 4
 SPATIAL_FACTOR = 8
@@ -188,11 +191,15 @@ class WanVAE:
     """Encode video to normalised latents and decode them back, as the official Wan2.1 `WanVAE` does.
 
     Device and dtype are the wrapped module's: inputs are moved to them, the per-channel normalisation
-    runs in fp32, and outputs (latents and video) are fp32.
+    runs in fp32, and outputs (latents and video) are fp32. An untiled decode streams the latent frames
+    through `decode_chunk` (pipeline/models/vae_decode.py; compile_vae_decoder compiles it); a tiled one
+    is diffusers' own.
     """
 
     def __init__(self, module: AutoencoderKLWan, tiling: VAETiling | None = None) -> None:
+        check_decoder(module)
         self.module = module
+        self.decode_chunk = decode_chunk
         # The tiling switch lives on the diffusers module, so set it either way: the wrapper owns it.
         if tiling is None:
             module.disable_tiling()
@@ -264,6 +271,24 @@ class WanVAE:
             )
         z = latents.to(self.device, torch.float32)
         z = z * self.latents_std.to(z.device) + self.latents_mean.to(z.device)
-        video = self.module.decode(z.to(self.dtype)).sample.float()
+        z = z.to(self.dtype)
+        if self.module.use_tiling:
+            video = self.module.decode(z).sample.float()
+        else:
+            video = self._decode_stream(z).float()
         # The official decode clamps; diffusers does too, but the range is this method's contract.
         return video.clamp_(-1.0, 1.0)
+
+    def _decode_stream(self, z: Tensor) -> Tensor:
+        """One latent frame at a time, as the official decode (the memory of one frame's activations)."""
+        conv = self.module.post_quant_conv  # 1x1x1: no temporal context
+        x = F.conv3d(z, conv.weight, conv.bias)
+        batch, _, frames, height, width = x.shape
+        video = torch.empty(batch, 3, 1 + TEMPORAL_FACTOR * (frames - 1), SPATIAL_FACTOR * height,
+                            SPATIAL_FACTOR * width, device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
+        caches, start = None, 0
+        for i in range(frames):
+            chunk, caches = self.decode_chunk(self.module.decoder, x[:, :, i : i + 1].contiguous(), caches)
+            video[:, :, start : start + chunk.shape[2]] = chunk
+            start += chunk.shape[2]
+        return video
