@@ -73,7 +73,11 @@ from pipeline.color import match_colors  # noqa: E402
 from pipeline.job import RenderSettings  # noqa: E402
 from pipeline.kernels import attention, fp8  # noqa: E402
 from pipeline.kernels.attention import apply_attention  # noqa: E402
-from pipeline.kernels.compile import compile_blocks, compile_problem, compile_vae_decoder  # noqa: E402
+from pipeline.kernels.compile import (  # noqa: E402
+    compile_blocks,
+    compile_problem,
+    compile_vae_decoder,
+)
 from pipeline.kernels.offload import offload_blocks, offload_problem  # noqa: E402
 from pipeline.models.checkpoints import Models  # noqa: E402
 from pipeline.models.tiny import TINY_VAE  # noqa: E402

@@ -7,9 +7,9 @@ The tiny VAE has the real architecture (dim_mult [1, 2, 4, 4], 2 residual blocks
 
 import pytest
 import torch
-from torch._dynamo.utils import counters
 from diffusers import AutoencoderKLWan
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+from torch._dynamo.utils import counters
 
 from pipeline.kernels.compile import compile_problem, compile_vae_decoder
 from pipeline.models.vae import (
