@@ -9,8 +9,8 @@ decode of the same latents by diffusers (the reference) and with diffusers' bf16
   stream            WanVAE.decode: the streamed decode, eager (memory.compile off)
   stream_cl3d       the same with the conv3d weights in channels_last_3d (cuDNN's layout on Hopper)
   stream_compiled   the stream after compile_vae_decoder (memory.compile on); its first call is timed
-                    apart. (Not with channels_last_3d weights: the compiled graph asserts the strides
-                    of the weights it was traced with, and a graph traced with them failed that check.)
+                    apart. (Not also with channels_last_3d weights: the compiled graph does not guard
+                    on its weights' strides, so switching them after compiling fails its assertion.)
 Plus torch.profiler tables of the diffusers and the compiled decodes. Times: wall clock around a
 synchronised call, one warm-up, median of 3; peak = max_memory_allocated during the calls.
 """
