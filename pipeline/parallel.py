@@ -8,7 +8,13 @@ numerically the same as the forward on one.
 
 SPMD: every rank holds the whole model, runs the same window loop with the same seeds and the same
 inputs, and gets the full velocity back, so the samplers (and the VAE, the colour match...) stay in
-lockstep with no further communication. Only the DiT's blocks are split.
+lockstep. Only the DiT's blocks are split.
+
+  inputs     A forward pre-hook on the model broadcasts its inputs from the group's first rank. The
+             ranks' inputs should already be equal, but each rank decodes and re-encodes the window
+             itself, and on GPUs those results can differ in the last bits (measured on 2 H200s: the
+             next window's motion latents up to 0.025 apart); a forward whose slices were cut from
+             different inputs would be no forward of any of them. Costs one copy of the inputs.
 
 What is done to the model (from outside; the model code knows nothing of ranks):
 
@@ -37,7 +43,7 @@ What is done to the model (from outside; the model code knows nothing of ranks):
              The L-RoPE positions normalise each map by its min and max over ALL tokens: those are
              all-reduced (MIN / MAX) over the ranks, the padding tokens excluded.
 
-Communication per block, per rank: the two all-to-alls move (G-1)/G of 4*B*Ls*D values; with two
+Communication per forward: the inputs (a few MB). Per block, per rank: the two all-to-alls move (G-1)/G of 4*B*Ls*D values; with two
 speakers also the frame-0 keys and two [B, 3] all-reduces. Works with NCCL (GPUs) and gloo (CPU).
 """
 
@@ -168,6 +174,17 @@ class SequenceParallel:
         parts = [torch.empty_like(x) for _ in range(self.size)]
         dist.all_gather(parts, x, group=self.group)
         return torch.cat(parts, dim=1)
+
+    def from_first_rank(self, value):
+        """`value` (a tensor, or a tuple or list of them; anything else as it is) as the group's first
+        rank has it: a fresh copy on every rank."""
+        if isinstance(value, torch.Tensor):
+            value = value.clone(memory_format=torch.contiguous_format)
+            dist.broadcast(value, src=dist.get_global_rank(self.group or dist.group.WORLD, 0), group=self.group)
+            return value
+        if isinstance(value, (tuple, list)):
+            return type(value)(self.from_first_rank(v) for v in value)
+        return value
 
     def global_range(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """values [B, C, n] -> (min, max) over the last dim and over all ranks, [B, C, 1] each."""
@@ -313,6 +330,9 @@ def apply_sequence_parallel(model: WanInfiniteTalkDiT, group: dist.ProcessGroup 
             module.__class__ = cls  # as FSDP2's fully_shard does: same parameters and state-dict keys
             module.attend = inner  # on UlyssesSelfAttention, through the property: the inner backend
 
+    def same_inputs(module, args, kwargs):
+        return sp.from_first_rank(args), {name: sp.from_first_rank(v) for name, v in kwargs.items()}
+
     def first_block(module, args, kwargs):
         bound = _bind(module, args, kwargs)
         rope = bound.arguments["rope"]
@@ -331,6 +351,7 @@ def apply_sequence_parallel(model: WanInfiniteTalkDiT, group: dist.ProcessGroup 
     def head(module, args, output):
         return sp.gather(output)
 
+    sp._handles.append(model.register_forward_pre_hook(same_inputs, with_kwargs=True))
     sp._handles.append(model.blocks[0].register_forward_pre_hook(first_block, with_kwargs=True))
     for block in model.blocks[1:]:
         sp._handles.append(block.register_forward_pre_hook(later_block, with_kwargs=True))

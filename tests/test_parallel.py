@@ -96,6 +96,11 @@ def _worker(rank: int, port: int, root: str, face: str, speech: str, out: str) -
                     "local": shard.local,
                 }
 
+            # -- ranks called with different inputs: every rank computes with rank 0's
+            diverged = {k: v + 1 if isinstance(v, torch.Tensor) and v.is_floating_point() and rank else v
+                        for k, v in inputs["one_speaker"].items()}
+            found["diverged_inputs_rel_err"] = _rel(dit(**diverged), single["one_speaker"])
+
             # -- frame 0's keys when a slice is shorter than a frame (frame 0 spread over both ranks)
             for tokens, frames in ((10, 1), (12, 3)):
                 full = torch.arange(2 * tokens * 2 * 3, dtype=torch.float32).view(2, tokens, 2, 3)
@@ -192,6 +197,12 @@ def test_forward_on_two_ranks_equals_one_process(ranks, case):
     assert boundary % per_frame != 0, boundary
     if case != "one_speaker":
         assert ranks[1][case]["stop"] - ranks[1][case]["start"] < ranks[1][case]["local"]  # padding on rank 1
+
+
+def test_every_rank_computes_with_the_first_ranks_inputs(ranks):
+    """Rank 1 passes other inputs (every float tensor + 1): both get rank 0's forward."""
+    for found in ranks:
+        assert found["diverged_inputs_rel_err"] < REL_TOL
 
 
 def test_frame0_keys_come_from_the_ranks_that_hold_them(ranks):
