@@ -76,7 +76,7 @@ from pipeline.kernels.attention import apply_attention  # noqa: E402
 from pipeline.kernels.compile import (  # noqa: E402
     compile_blocks,
     compile_problem,
-    compile_vae_decoder,
+    compile_vae,
 )
 from pipeline.kernels.offload import offload_blocks, offload_problem  # noqa: E402
 from pipeline.models.checkpoints import Models  # noqa: E402
@@ -314,7 +314,7 @@ class WindowBench:
                                 "setup_s": state.get("offload_s"), "h2d": state.get("h2d")}
         vae = WanVAE(self.vae_module, memory.vae_tiling)
         if memory.compile:
-            compile_vae_decoder(vae)
+            compile_vae(vae)
         renderer = WindowRenderer(Models(dit=model, vae=vae), self.inputs, self.settings, seed=0)
         if conditioning == "measure" or not hasattr(self, "conditioning"):
             self.together()

@@ -22,7 +22,7 @@ from pipeline import media
 from pipeline.job import Job, RenderSettings
 from pipeline.kernels import fp8
 from pipeline.kernels.attention import apply_attention
-from pipeline.kernels.compile import check_compile, compile_blocks, compile_vae_decoder
+from pipeline.kernels.compile import check_compile, compile_blocks, compile_vae
 from pipeline.kernels.offload import check_offload, offload_blocks
 from pipeline.models.checkpoints import CheckpointPaths, Models, Precision, load_models
 from pipeline.models.tiny import write_tiny_checkpoints
@@ -84,7 +84,7 @@ def _apply(models: Models, spec: ModelSpec) -> Models:
     apply_attention(models.dit, spec.attention, spec.device)
     if spec.memory.compile:  # after the attention backend, which the compiled graph holds
         compile_blocks(models.dit, spec.device)
-        compile_vae_decoder(models.vae)
+        compile_vae(models.vae)
     log.info("renderer memory settings: %s", spec.memory)
     return models
 

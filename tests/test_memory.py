@@ -17,7 +17,7 @@ from farm.actors import ModelSpec, load_renderer_models
 from farm.config import ConfigError, MemorySettings, checkpoint_paths, memory_settings, precision, validate
 from pipeline.kernels import KernelUnavailable
 from pipeline.kernels.compile import compile_blocks, compile_problem
-from pipeline.models.vae_decode import decode_chunk
+from pipeline.models.vae_stream import decode_chunk, encode_chunk
 from pipeline.kernels.fp8 import FP8, Fp8Linear, apply_fp8
 from pipeline.kernels.offload import offload_blocks
 from pipeline.models.dit import DiTConfig, WanInfiniteTalkDiT
@@ -117,7 +117,7 @@ def test_compile_that_cannot_run_is_a_start_up_error(monkeypatch):
     assert problem.startswith("torch.compile failed on a probe function (RuntimeError: InvalidCxxCompiler")
     monkeypatch.setattr(compile_mod, "compile_problem", lambda device: problem)
     model = random_model()
-    with pytest.raises(KernelUnavailable, match=r"^torch\.compile \(DiT blocks, VAE decode\) cannot run on cpu: torch"):
+    with pytest.raises(KernelUnavailable, match=r"^torch\.compile \(DiT blocks, VAE\) cannot run on cpu: torch"):
         compile_blocks(model)
     assert not any("forward" in vars(b) for b in model.blocks)  # nothing changed
 
@@ -315,10 +315,11 @@ def test_the_settings_reach_the_renderer(tmp_path):
     vae = models.vae.module
     assert vae.use_tiling and (vae.tile_sample_min_height, vae.tile_sample_stride_width) == (256, 192)
     assert all(("forward" in vars(b)) == CAN_COMPILE for b in models.dit.blocks)
-    assert (models.vae.decode_chunk is not decode_chunk) == CAN_COMPILE  # (a tiled decode does not use it)
+    # (a tiled VAE does not use them)
+    assert (models.vae.decode_chunk is not decode_chunk) == (models.vae.encode_chunk is not encode_chunk) == CAN_COMPILE
     untiled = load_renderer_models(ModelSpec(spec.paths, spec.precision, "cpu", "sdpa"))
     assert not untiled.vae.module.use_tiling and not any("forward" in vars(b) for b in untiled.dit.blocks)
-    assert untiled.vae.decode_chunk is decode_chunk
+    assert untiled.vae.decode_chunk is decode_chunk and untiled.vae.encode_chunk is encode_chunk
 
 
 def test_the_settings_reach_the_model_spec(tmp_path, monkeypatch):

@@ -1,8 +1,8 @@
 """Regional torch.compile of the DiT: every block's forward compiled, one compiled graph shared by all;
-and of the VAE's streamed decode.
+and of the VAE's streamed encode and decode.
 
     compile_blocks(model, device=None) -> CompiledBlocks   compile each block of `model.blocks` in place
-    compile_vae_decoder(vae)                               compile WanVAE's decode chunk in place
+    compile_vae(vae)                                       compile WanVAE's encode and decode chunks in place
     compile_problem(device)                                why torch.compile cannot run on `device`, or None
 
 Why the blocks: the 40 blocks are one class with one `forward`. Dynamo keeps compiled code per code
@@ -47,7 +47,7 @@ import torch.nn as nn
 
 from pipeline.kernels import KernelUnavailable
 from pipeline.models.vae import WanVAE
-from pipeline.models.vae_decode import decode_chunk
+from pipeline.models.vae_stream import decode_chunk, encode_chunk
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def compile_problem(device: torch.device | str) -> str | None:
 def check_compile(device: torch.device | str) -> None:
     problem = compile_problem(device)
     if problem is not None:
-        raise KernelUnavailable(f"torch.compile (DiT blocks, VAE decode) cannot run on {device}: {problem}")
+        raise KernelUnavailable(f"torch.compile (DiT blocks, VAE) cannot run on {device}: {problem}")
 
 
 @dataclass
@@ -145,17 +145,19 @@ def compile_blocks(model: nn.Module, device: torch.device | str | None = None) -
     return state
 
 
-def compile_vae_decoder(vae: WanVAE) -> None:
-    """torch.compile the VAE's streamed decode chunk (dynamic=False) on the VAE's device.
+def compile_vae(vae: WanVAE) -> None:
+    """torch.compile the VAE's streamed encode and decode chunks (dynamic=False) on the VAE's device.
 
-    Two graphs per output size: the first chunk and every later one (pipeline/models/vae_decode.py). A
-    tiled decode is diffusers' own and stays eager. KernelUnavailable if torch.compile cannot run there."""
-    if vae.decode_chunk is not decode_chunk:
-        raise ValueError("the VAE's decode chunk is already replaced (compiled twice?)")
+    Two graphs each per frame size: the first chunk and every later one (pipeline/models/vae_stream.py).
+    Tiled encodes and decodes are diffusers' own and stay eager. KernelUnavailable if torch.compile
+    cannot run there."""
+    if vae.encode_chunk is not encode_chunk or vae.decode_chunk is not decode_chunk:
+        raise ValueError("the VAE's chunk functions are already replaced (compiled twice?)")
     check_compile(vae.device)
     _raise_recompile_limit()
+    vae.encode_chunk = torch.compile(encode_chunk, dynamic=False)
     vae.decode_chunk = torch.compile(decode_chunk, dynamic=False)
-    log.info("compile_vae_decoder: the streamed VAE decode on %s, torch.compile(dynamic=False)", vae.device)
+    log.info("compile_vae: the streamed VAE encode and decode on %s, torch.compile(dynamic=False)", vae.device)
 
 
 def _raise_recompile_limit() -> None:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKLWan
 from torch import Tensor
 
-from pipeline.models.vae_decode import check_decoder, decode_chunk
+from pipeline.models.vae_stream import check_vae, decode_chunk, encode_chunk
 
 TEMPORAL_FACTOR = 4
 SPATIAL_FACTOR = 8
@@ -191,15 +191,15 @@ class WanVAE:
     """Encode video to normalised latents and decode them back, as the official Wan2.1 `WanVAE` does.
 
     Device and dtype are the wrapped module's: inputs are moved to them, the per-channel normalisation
-    runs in fp32, and outputs (latents and video) are fp32. An untiled decode streams the latent frames
-    through `decode_chunk` (pipeline/models/vae_decode.py; compile_vae_decoder compiles it); a tiled one
-    is diffusers' own.
+    runs in fp32, and outputs (latents and video) are fp32. Untiled, the video and the latents stream
+    through `encode_chunk` and `decode_chunk` (pipeline/models/vae_stream.py; compile_vae compiles
+    them); tiled encodes and decodes are diffusers' own.
     """
 
     def __init__(self, module: AutoencoderKLWan, tiling: VAETiling | None = None) -> None:
-        check_decoder(module)
+        check_vae(module)
         self.module = module
-        self.decode_chunk = decode_chunk
+        self.encode_chunk, self.decode_chunk = encode_chunk, decode_chunk
         # The tiling switch lives on the diffusers module, so set it either way: the wrapper owns it.
         if tiling is None:
             module.disable_tiling()
@@ -258,7 +258,11 @@ class WanVAE:
             or video.shape[4] % SPATIAL_FACTOR
         ):
             raise ValueError(f"VAE encode wants [B, 3, 1 + 4k, 8m, 8n] video, got {tuple(video.shape)}")
-        mu = self.module.encode(video.to(self.device, self.dtype)).latent_dist.mean
+        video = video.to(self.device, self.dtype)
+        if self.module.use_tiling:
+            mu = self.module.encode(video).latent_dist.mean
+        else:
+            mu = self._encode_stream(video)
         mean, std = self.latents_mean.to(mu.device), self.latents_std.to(mu.device)
         return (mu.float() - mean) / std
 
@@ -279,6 +283,17 @@ class WanVAE:
         # The official decode clamps; diffusers does too, but the range is this method's contract.
         return video.clamp_(-1.0, 1.0)
 
+    def _encode_stream(self, video: Tensor) -> Tensor:
+        """Frame 0 alone, then 4 frames at a time, as the official encode; the posterior mean."""
+        starts = [0, *range(1, video.shape[2], TEMPORAL_FACTOR)]
+        ends = [*starts[1:], video.shape[2]]
+        caches, parts = None, []
+        for start, end in zip(starts, ends):
+            part, caches = self.encode_chunk(self.module.encoder, _fresh(video[:, :, start:end]), caches)
+            parts.append(part)
+        conv = self.module.quant_conv  # 1x1x1 to the mean and log-variance, z_dim channels each
+        return F.conv3d(torch.cat(parts, dim=2), conv.weight, conv.bias)[:, : self.z_dim]
+
     def _decode_stream(self, z: Tensor) -> Tensor:
         """One latent frame at a time, as the official decode (the memory of one frame's activations)."""
         conv = self.module.post_quant_conv  # 1x1x1: no temporal context
@@ -288,7 +303,13 @@ class WanVAE:
                             SPATIAL_FACTOR * width, device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
         caches, start = None, 0
         for i in range(frames):
-            chunk, caches = self.decode_chunk(self.module.decoder, x[:, :, i : i + 1].contiguous(), caches)
+            chunk, caches = self.decode_chunk(self.module.decoder, _fresh(x[:, :, i : i + 1]), caches)
             video[:, :, start : start + chunk.shape[2]] = chunk
             start += chunk.shape[2]
         return video
+
+
+def _fresh(chunk: Tensor) -> Tensor:
+    """A chunk with the strides of a new tensor: a slice's depend on the whole video's length (and
+    .contiguous() keeps a 1-frame slice's), and compiled chunk functions guard on them."""
+    return chunk.clone(memory_format=torch.contiguous_format)

@@ -1,46 +1,73 @@
-"""The Wan2.1 VAE decode as a stream of latent frames through one pure chunk function.
+"""The Wan2.1 VAE's encode and decode as streams of chunks through two pure chunk functions.
 
     caches = None
     for each latent frame i:   frames, caches = decode_chunk(module.decoder, latent[:, :, i:i+1], caches)
+    for frame 0, then each 4:  latent, caches = encode_chunk(module.encoder, video[:, :, chunk], caches)
 
-Same arithmetic as diffusers' AutoencoderKLWan.decode (and the official Wan decode it mirrors), written
-so that it is cheap and can be compiled:
+Same arithmetic as diffusers' AutoencoderKLWan.decode and encode (and the official Wan code they
+mirror), written so that it is cheap and can be compiled:
 
   - Every causal conv keeps the last 2 frames of its input (zeros before the first chunk) and runs on
     [cache, chunk]. That is all the official cache bookkeeping amounts to (its 1-frame caches and zero
     padding give the same numbers): a causal conv over the whole frame stream with two leading zero
-    frames. The temporal upsamplers are the exception the official code makes: the first latent frame
-    decodes to one frame, so their time conv skips the first chunk and starts on zeros in the second.
+    frames. The temporal up- and downsamplers are the exceptions the official code makes: the first
+    latent frame decodes to one frame, so the upsamplers' time conv skips the first chunk and starts on
+    zeros in the second; the first frame encodes alone, so the downsamplers' strided time conv skips it
+    too and then sees the last frame before each chunk.
   - Spatial zero padding is the conv's own (no F.pad copy), the per-frame conv2ds are conv3ds with a
     temporal kernel of 1 on the 5-D tensor (no permutes), and the frames go into one preallocated video
     (no growing torch.cat): on an H100, two thirds of diffusers' 3.0 s window decode was such copies
     (benchmarks/RESULTS.md, "The VAE's 3.4 s of a window").
-  - The caches are plain tensors in and out, so `torch.compile(decode_chunk)` traces two static graphs,
-    the first chunk and every later one, and fuses each RMS norm + SiLU into one pass
-    (pipeline/kernels/compile.py: compile_vae_decoder).
+  - The caches are plain tensors in and out, so `torch.compile` of a chunk function traces two static
+    graphs, the first chunk and every later one, and fuses each RMS norm + SiLU into one pass
+    (pipeline/kernels/compile.py: compile_vae).
 
-Only the Wan2.1 decoder (diffusers' WanUpBlock, no patching); `check_decoder` says so at load.
+Only the Wan2.1 VAE (diffusers' WanUpBlock and flat encoder, no patching); `check_vae` says so at load.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.autoencoders.autoencoder_kl_wan import WanDecoder3d, WanUpBlock
+from diffusers.models.autoencoders.autoencoder_kl_wan import (
+    WanDecoder3d,
+    WanEncoder3d,
+    WanResample,
+    WanResidualBlock,
+    WanUpBlock,
+)
 from torch import Tensor, nn
 
 CACHE_FRAMES = 2  # a causal conv with a temporal kernel of 3 sees the 2 frames before the chunk
 
 
-def check_decoder(module: nn.Module) -> None:
-    """ValueError unless `module` (an AutoencoderKLWan) has the Wan2.1 decoder this file implements."""
-    decoder = module.decoder
+def check_vae(module: nn.Module) -> None:
+    """ValueError unless `module` (an AutoencoderKLWan) is the Wan2.1 VAE this file implements."""
     if (
-        not isinstance(decoder, WanDecoder3d)
+        not isinstance(module.decoder, WanDecoder3d)
+        or not isinstance(module.encoder, WanEncoder3d)
         or module.config.patch_size is not None
-        or not all(isinstance(block, WanUpBlock) for block in decoder.up_blocks)
+        or not all(isinstance(block, WanUpBlock) for block in module.decoder.up_blocks)
+        or not all(isinstance(block, (WanResidualBlock, WanResample)) for block in module.encoder.down_blocks)
     ):
-        raise ValueError("streamed VAE decode: only the Wan2.1 decoder (no patching, no residual up blocks)")
+        raise ValueError("streamed VAE: only the Wan2.1 VAE (no patching, no residual up/down blocks, "
+                         "no attention outside the middle)")
+
+
+def encode_chunk(encoder: WanEncoder3d, x: Tensor, caches: list[Tensor] | None) -> tuple[Tensor, list[Tensor]]:
+    """Encode video frames x [B, 3, T, H, W] that follow the frames whose caches are given (None: x
+    starts the video: one frame; later chunks 4). Returns the encoder's output (before quant_conv) and
+    the caches for the next chunk."""
+    stream = _Stream(caches)
+    x = stream.causal_conv(encoder.conv_in, x)
+    for layer in encoder.down_blocks:
+        x = _resnet(layer, x, stream) if isinstance(layer, WanResidualBlock) else _downsample(layer, x, stream)
+    mid = encoder.mid_block
+    x = _resnet(mid.resnets[0], x, stream)
+    x = _attention(mid.attentions[0], x)
+    x = _resnet(mid.resnets[1], x, stream)
+    x = stream.causal_conv(encoder.conv_out, F.silu(_rms_norm(encoder.norm_out, x)))
+    return x, stream.new
 
 
 def decode_chunk(decoder: WanDecoder3d, x: Tensor, caches: list[Tensor] | None) -> tuple[Tensor, list[Tensor]]:
@@ -88,6 +115,15 @@ class _Stream:
         """A causal conv that does not run on the first chunk: its cache starts as zeros for the second."""
         self.new.append(x.new_zeros(*x.shape[:2], CACHE_FRAMES, *x.shape[3:]))
 
+    def strided_time_conv(self, conv: nn.Conv3d, x: Tensor) -> Tensor:
+        """diffusers' downsampling time conv (kernel 3, stride 2, no padding): the first chunk passes
+        through; later ones run on [the frame before them, chunk]."""
+        cache = None if self.first else self.old[len(self.new)]
+        self.new.append(x[:, :, -1:].clone())
+        if cache is None:
+            return x
+        return F.conv3d(torch.cat([cache, x], dim=2), conv.weight, conv.bias, stride=conv.stride)
+
 
 def _rms_norm(norm: nn.Module, x: Tensor) -> Tensor:
     """diffusers' WanRMS_norm over the channels (dim 1), normalised in at least fp32 as it does."""
@@ -115,6 +151,18 @@ def _attention(block: nn.Module, x: Tensor) -> Tensor:
     y = F.scaled_dot_product_attention(q, k, v)
     y = F.linear(y, block.proj.weight.view(c, c), block.proj.bias)
     return x + y.view(b, t, h, w, c).permute(0, 4, 1, 2, 3)
+
+
+def _downsample(resample: WanResample, x: Tensor, stream: _Stream) -> Tensor:
+    """diffusers' WanResample down: a 3x3 stride-2 conv per frame after padding right and bottom by one,
+    then (downsample3d) the strided time conv."""
+    conv = resample.resample[1]
+    x = F.conv3d(F.pad(x, (0, 1, 0, 1)), conv.weight.unsqueeze(2), conv.bias, stride=(1, *conv.stride))
+    if resample.mode == "downsample3d":
+        return stream.strided_time_conv(resample.time_conv, x)
+    if resample.mode != "downsample2d":
+        raise ValueError(f"encoder resample mode {resample.mode!r}")
+    return x
 
 
 def _upsample(resample: nn.Module, x: Tensor, stream: _Stream) -> Tensor:
