@@ -114,7 +114,7 @@ class VAETilingConfig:
 class MemoryConfig:
     """Where the weights live and what trades speed for memory (pipeline/kernels/compile.py, offload.py)."""
 
-    compile: bool  # torch.compile each DiT block (one graph shared by all) and the untiled VAE decode
+    compile: bool  # torch.compile each DiT block (one graph shared by all) and the untiled VAE encode and decode
     offload: bool  # DiT blocks in page-locked host memory, streamed to the GPU (CUDA only)
     offload_ahead: int  # with offload: blocks copied to the GPU ahead of their use
     vae_tiling: VAETilingConfig | None  # null: untiled VAE (exact, fastest); tiles save memory, cost time
