@@ -24,7 +24,7 @@ Per configuration: one DiT forward first (it compiles the blocks at this shape, 
 earlier configuration compiled: the cache is per code object, shared by the models; with compile, one
 VAE decode too, for its compiled graphs), then once per
 job the VAE encode of the 117-frame [reference, zeros] conditioning (timed where the VAE tiling
-changes; every window uses the first, untiled one, so that the final latents of two configurations
+changes; with compile, the first one includes compiling the encode; every window uses the first, untiled one, so that the final latents of two configurations
 differ only by the DiT), then the timed window. Times are wall-clock around synchronised phases; peak GPU memory is
 torch.cuda.max_memory_allocated (and _reserved, what the allocator held) over each phase, weights
 included; host RAM is the process's resident set (VmRSS; peak VmHWM, reset per window through
@@ -39,8 +39,9 @@ colour match and motion encode on every rank. The ranks start each window togeth
 phase's time (and peak memory) is the largest over the ranks. Labels end in /spG (e.g. fast/fp8/sp2);
 --only takes the labels without it. Only presets without block offload run (fast, or none where
 compiling cannot run); asking for one with offload is an error. `ranks_max_abs_diff` records the
-largest difference across the ranks of the window's final latents and of its motion latents (the next
-window's input): 0 when the ranks agree, as they must to stay in lockstep. Rank 0 writes the results.
+largest difference across the ranks of the window's final latents (0: every rank got the whole output)
+and of its motion latents, which each rank encodes itself and which may differ in the last bits on
+GPUs (the model takes the first rank's inputs, pipeline/parallel.py). Rank 0 writes the results.
 """
 
 import argparse
