@@ -9,11 +9,11 @@ diffusers, streamed and streamed compiled, against an fp32 encode. Decodes, each
 with an fp32 decode of the same latents by diffusers (the reference) and with diffusers' bf16 decode:
   diffusers         AutoencoderKLWan.decode, what WanVAE ran before pipeline/models/vae_stream.py
   stream            WanVAE.decode: the streamed decode, eager (memory.compile off)
-  stream_cl3d       the same with the chunks and the conv weights in channels_last_3d
-                    (WanVAE.use_channels_last: cuDNN's NDHWC, no layout conversions around each conv)
-  stream_compiled   the stream after compile_vae (memory.compile on); its first call is timed apart
-  stream_compiled_cl3d  both
-Plus torch.profiler tables of the diffusers and the two compiled decodes. Times: wall clock around a
+  stream_cl3d       the same with the conv3d weights in channels_last_3d (cuDNN's layout on Hopper)
+  stream_compiled   the stream after compile_vae (memory.compile on); its first call is timed
+                    apart. (Not also with channels_last_3d weights: the compiled graph does not guard
+                    on its weights' strides, so switching them after compiling fails its assertion.)
+Plus torch.profiler tables of the diffusers and the compiled decodes. Times: wall clock around a
 synchronised call, one warm-up, median of 3; peak = max_memory_allocated during the calls.
 """
 
@@ -36,7 +36,6 @@ from diffusers import AutoencoderKLWan  # noqa: E402
 
 from pipeline.kernels.compile import compile_vae  # noqa: E402
 from pipeline.models.vae import WanVAE  # noqa: E402
-from pipeline.models.vae_stream import memory_format  # noqa: E402
 
 
 def timed(fn, reps=3) -> dict:
@@ -50,16 +49,6 @@ def timed(fn, reps=3) -> dict:
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return {"s": statistics.median(times), "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "out": out}
-
-
-def cache_layouts(vae: WanVAE, latents) -> dict:
-    """How many of the decoder's causal caches come out of a later chunk in each memory layout (do the
-    chunks stay in the layout they were given?)."""
-    x = vae.module.post_quant_conv(latents[:, :, :2].to(vae.device, vae.dtype)).contiguous(memory_format=vae.memory_format)
-    _, caches = vae.decode_chunk(vae.module.decoder, x[:, :, :1].clone(memory_format=vae.memory_format), None)
-    _, caches = vae.decode_chunk(vae.module.decoder, x[:, :, 1:].clone(memory_format=vae.memory_format), caches)
-    layouts = [str(memory_format(c)) for c in caches]
-    return {layout: layouts.count(layout) for layout in set(layouts)}
 
 
 def conv3d_weights(module, memory_format) -> None:
@@ -120,37 +109,30 @@ def main():
         record_encodes("diffusers", lambda v: module.encode(v.to(torch.bfloat16)).latent_dist.mean)
         record_encodes("stream", lambda v: vae._encode_stream(v.to(torch.bfloat16)))
         record("stream", timed(lambda: vae.decode(latents)))
-        vae_cl3d = WanVAE(module)  # the same module: its conv weights go channels-last until conv3d_weights
-        vae_cl3d.use_channels_last()
-        record("stream_cl3d", timed(lambda: vae_cl3d.decode(latents)) | {"cache_layouts": cache_layouts(vae_cl3d, latents)})
-        record_encodes("stream_cl3d", lambda v: vae_cl3d._encode_stream(v.to(torch.bfloat16)))
+        conv3d_weights(module, torch.channels_last_3d)
+        record("stream_cl3d", timed(lambda: vae.decode(latents)))
+        conv3d_weights(module, torch.contiguous_format)
 
-        def profile(name, fn):
-            table = profile_kernels(fn, cuda=True, top=15)
-            results[f"profile_{name}"] = table
-            print(f"profile {name}", table["total_ms"], table["categories_ms"], flush=True)
-            for row in table["top"][:12]:
+        compile_vae(vae)
+        t0 = time.perf_counter()
+        vae.decode(latents)
+        torch.cuda.synchronize()
+        first = time.perf_counter() - t0
+        record("stream_compiled", timed(lambda: vae.decode(latents)) | {"first_call_s": first})
+        t0 = time.perf_counter()
+        vae._encode_stream(frames.to(torch.bfloat16))
+        torch.cuda.synchronize()
+        results["encode_compiled_first_call_s"] = time.perf_counter() - t0
+        record_encodes("stream_compiled", lambda v: vae._encode_stream(v.to(torch.bfloat16)))
+
+        for name, fn in (("stream_compiled", lambda: vae.decode(latents)),
+                         ("diffusers", lambda: module.decode(z.to(torch.bfloat16)))):
+            profile = profile_kernels(fn, cuda=True, top=15)
+            results[f"profile_{name}"] = profile
+            print(f"profile {name}", profile["total_ms"], profile["categories_ms"], flush=True)
+            for row in profile["top"][:12]:
                 print(f"  {row['self_ms']:8.1f} ms x{row['count']:5d} {row['name'][:110]}", flush=True)
             save()
-
-        profile("diffusers", lambda: module.decode(z.to(torch.bfloat16)))
-        # Compiled graphs do not guard on the weights' layout: each variant runs only while its weights are
-        # as it was compiled with, so the plain one goes first and the channels-last one last.
-        for name, variant, weights in (("stream_compiled", vae, torch.contiguous_format),
-                                       ("stream_compiled_cl3d", vae_cl3d, torch.channels_last_3d)):
-            conv3d_weights(module, weights)
-            compile_vae(variant)
-            t0 = time.perf_counter()
-            variant.decode(latents)
-            torch.cuda.synchronize()
-            first = time.perf_counter() - t0
-            record(name, timed(lambda: variant.decode(latents)) | {"first_call_s": first})
-            t0 = time.perf_counter()
-            variant._encode_stream(frames.to(torch.bfloat16))
-            torch.cuda.synchronize()
-            results[f"encode_{name}_first_call_s"] = time.perf_counter() - t0
-            record_encodes(name, lambda v: variant._encode_stream(v.to(torch.bfloat16)))
-            profile(name, lambda: variant.decode(latents))
 
 if __name__ == "__main__":
     main()

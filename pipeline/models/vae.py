@@ -200,7 +200,6 @@ class WanVAE:
         check_vae(module)
         self.module = module
         self.encode_chunk, self.decode_chunk = encode_chunk, decode_chunk
-        self.memory_format = torch.contiguous_format  # of the streamed chunks; use_channels_last changes it
         # The tiling switch lives on the diffusers module, so set it either way: the wrapper owns it.
         if tiling is None:
             module.disable_tiling()
@@ -235,13 +234,6 @@ class WanVAE:
         weights = {name: t.to(device, dtype) for name, t in converted.items()}
         module.load_state_dict(weights, strict=True, assign=True)
         return cls(module.eval().requires_grad_(False), tiling)
-
-    def use_channels_last(self) -> None:
-        """Stream the chunks, and keep the conv weights, in channels_last_3d (NDHWC)."""
-        for p in self.module.parameters():
-            if p.dim() == 5:
-                p.data = p.data.contiguous(memory_format=torch.channels_last_3d)
-        self.memory_format = torch.channels_last_3d
 
     @property
     def device(self) -> torch.device:
@@ -297,7 +289,7 @@ class WanVAE:
         ends = [*starts[1:], video.shape[2]]
         caches, parts = None, []
         for start, end in zip(starts, ends):
-            part, caches = self.encode_chunk(self.module.encoder, _fresh(video[:, :, start:end], self.memory_format), caches)
+            part, caches = self.encode_chunk(self.module.encoder, _fresh(video[:, :, start:end]), caches)
             parts.append(part)
         conv = self.module.quant_conv  # 1x1x1 to the mean and log-variance, z_dim channels each
         return F.conv3d(torch.cat(parts, dim=2), conv.weight, conv.bias)[:, : self.z_dim]
@@ -311,13 +303,13 @@ class WanVAE:
                             SPATIAL_FACTOR * width, device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
         caches, start = None, 0
         for i in range(frames):
-            chunk, caches = self.decode_chunk(self.module.decoder, _fresh(x[:, :, i : i + 1], self.memory_format), caches)
+            chunk, caches = self.decode_chunk(self.module.decoder, _fresh(x[:, :, i : i + 1]), caches)
             video[:, :, start : start + chunk.shape[2]] = chunk
             start += chunk.shape[2]
         return video
 
 
-def _fresh(chunk: Tensor, memory_format: torch.memory_format) -> Tensor:
+def _fresh(chunk: Tensor) -> Tensor:
     """A chunk with the strides of a new tensor: a slice's depend on the whole video's length (and
     .contiguous() keeps a 1-frame slice's), and compiled chunk functions guard on them."""
-    return chunk.clone(memory_format=memory_format)
+    return chunk.clone(memory_format=torch.contiguous_format)

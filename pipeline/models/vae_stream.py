@@ -104,14 +104,17 @@ class _Stream:
         """diffusers' WanCausalConv3d on x with the cached frames in front of it."""
         if conv._padding[4] != CACHE_FRAMES:
             raise ValueError(f"causal conv with temporal padding {conv._padding[4]}, expected {CACHE_FRAMES}")
-        cache = _zero_frames(x, CACHE_FRAMES) if self.first else self.old[len(self.new)]
+        if self.first:
+            cache = x.new_zeros(*x.shape[:2], CACHE_FRAMES, *x.shape[3:])
+        else:
+            cache = self.old[len(self.new)]
         x = torch.cat([cache, x], dim=2)
         self.new.append(x[:, :, -CACHE_FRAMES:].clone())  # a clone: the cat's buffer need not outlive the chunk
         return F.conv3d(x, conv.weight, conv.bias, stride=conv.stride, padding=(0, conv._padding[2], conv._padding[0]))
 
     def skip(self, x: Tensor) -> None:
         """A causal conv that does not run on the first chunk: its cache starts as zeros for the second."""
-        self.new.append(_zero_frames(x, CACHE_FRAMES))
+        self.new.append(x.new_zeros(*x.shape[:2], CACHE_FRAMES, *x.shape[3:]))
 
     def strided_time_conv(self, conv: nn.Conv3d, x: Tensor) -> Tensor:
         """diffusers' downsampling time conv (kernel 3, stride 2, no padding): the first chunk passes
@@ -121,20 +124,6 @@ class _Stream:
         if cache is None:
             return x
         return F.conv3d(torch.cat([cache, x], dim=2), conv.weight, conv.bias, stride=conv.stride)
-
-
-def memory_format(x: Tensor) -> torch.memory_format:
-    """channels_last_3d for a 5-D tensor laid out channels-last (what cuDNN computes in on Hopper),
-    else contiguous_format."""
-    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
-        return torch.channels_last_3d
-    return torch.contiguous_format
-
-
-def _zero_frames(x: Tensor, frames: int) -> Tensor:
-    """Zeros shaped as x with `frames` frames, in x's memory layout (a cat of mixed layouts copies)."""
-    zeros = torch.empty(*x.shape[:2], frames, *x.shape[3:], dtype=x.dtype, device=x.device, memory_format=memory_format(x))
-    return zeros.zero_()
 
 
 def _rms_norm(norm: nn.Module, x: Tensor) -> Tensor:
@@ -187,9 +176,7 @@ def _upsample(resample: nn.Module, x: Tensor, stream: _Stream) -> Tensor:
             x = stream.causal_conv(resample.time_conv, x)
             b, c2, t, h, w = x.shape
             # channels [0, C) are frame 2t, [C, 2C) frame 2t + 1
-            layout = memory_format(x)
             x = x.view(b, 2, c2 // 2, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c2 // 2, 2 * t, h, w)
-            x = x.contiguous(memory_format=layout)
     elif resample.mode != "upsample2d":
         raise ValueError(f"decoder resample mode {resample.mode!r}")
     # nearest is exact duplication: diffusers' fp32 round trip around it changes nothing
