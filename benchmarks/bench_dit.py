@@ -634,19 +634,21 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def categorise(name: str) -> str:
+    # Order matters: Inductor names its kernels after the ops they fuse ("..._convolution_...",
+    # "..._cudnn_attention_..."), cuDNN's attention is a "flash_fprop", and its convolutions carry "gemm".
     n = name.lower()
-    if any(s in n for s in ("flash", "fmha", "cudnn", "attn", "attention", "sm90_flash", "efficient")):
+    if n.startswith("triton_") or "quant" in n:
+        return "triton (fused by compile; quantiser)"
+    if any(s in n for s in ("flash", "fmha", "sdpa", "attn", "attention", "efficient")):
         return "attention"
+    if any(s in n for s in ("fprop", "dgrad", "wgrad", "nchwtonhwc", "nhwctonchw", "conv")):
+        return "conv"
     if any(s in n for s in ("gemm", "xmma", "cutlass", "nvjet", "matmul", "_mm", "sm90_", "wgmma", "scaled_mm")):
         return "gemm"
-    if "triton" in n or "quant" in n or "fused" in n:
-        return "triton (fused by compile; quantiser)"
     if any(s in n for s in ("reduce", "norm", "softmax")):
         return "reductions/norms"
     if any(s in n for s in ("elementwise", "vectorized", "copy", "cat", "unrolled", "index", "fill")):
         return "elementwise/copies"
-    if "conv" in n:
-        return "conv"
     return "other"
 
 
