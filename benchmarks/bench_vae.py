@@ -9,17 +9,18 @@ diffusers, streamed and streamed compiled, against an fp32 encode. Decodes, each
 with an fp32 decode of the same latents by diffusers (the reference) and with diffusers' bf16 decode:
   diffusers         AutoencoderKLWan.decode, what WanVAE ran before pipeline/models/vae_stream.py
   stream            WanVAE.decode: the streamed decode, eager (memory.compile off)
-  stream_cl3d       the same with the conv3d weights in channels_last_3d (cuDNN's layout on Hopper)
-  stream_compiled   the stream after compile_vae (memory.compile on); its first call is timed
-                    apart. (Not also with channels_last_3d weights: the compiled graph does not guard
-                    on its weights' strides, so switching them after compiling fails its assertion.)
-Plus torch.profiler tables of the diffusers and the compiled decodes. Times: wall clock around a
-synchronised call, one warm-up, median of 3; peak = max_memory_allocated during the calls.
+  stream_compiled   the stream after compile_vae (memory.compile on); its first call is timed apart
+  *_layout          the same after apply_vae_layout (pipeline/kernels/vae_layout.py: channels-last,
+                    the 96-channel layers padded to 128), on a copy of the module
+Plus torch.profiler tables of the diffusers and the compiled decodes, and what is allocated at each
+compiled decode's peak (the allocator's trace, grouped by the line that allocated). Times: wall clock
+around a synchronised call, one warm-up, median of 3; peak = max_memory_allocated during the calls.
 """
 
 import argparse
 import datetime
 import json
+import linecache
 import os
 import statistics
 import sys
@@ -31,11 +32,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_dit import profile_kernels, rel_err  # noqa: E402
-from diffusers import AutoencoderKLWan  # noqa: E402
+from bench_dit import profile_kernels, rel_err
+from diffusers import AutoencoderKLWan
 
-from pipeline.kernels.compile import compile_vae  # noqa: E402
-from pipeline.models.vae import WanVAE  # noqa: E402
+from pipeline.kernels.compile import compile_vae
+from pipeline.kernels.vae_layout import apply_vae_layout
+from pipeline.models.vae import WanVAE
 
 
 def timed(fn, reps=3) -> dict:
@@ -51,22 +53,16 @@ def timed(fn, reps=3) -> dict:
     return {"s": statistics.median(times), "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "out": out}
 
 
-def conv3d_weights(module, memory_format) -> None:
-    for p in module.parameters():
-        if p.dim() == 5:
-            p.data = p.data.contiguous(memory_format=memory_format)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/out"))
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results: dict = {"env": {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    results: dict = {"env": {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                              "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                              "command": " ".join(sys.argv)}}
-    save = lambda: (out / "bench_vae.json").write_text(json.dumps(results, indent=1))  # noqa: E731
+    save = lambda: (out / "bench_vae.json").write_text(json.dumps(results, indent=1))
 
     module = AutoencoderKLWan().to("cuda", torch.bfloat16).eval().requires_grad_(False)
     gen = torch.Generator("cuda").manual_seed(0)
@@ -107,32 +103,70 @@ def main():
             save()
 
         record_encodes("diffusers", lambda v: module.encode(v.to(torch.bfloat16)).latent_dist.mean)
-        record_encodes("stream", lambda v: vae._encode_stream(v.to(torch.bfloat16)))
-        record("stream", timed(lambda: vae.decode(latents)))
-        conv3d_weights(module, torch.channels_last_3d)
-        record("stream_cl3d", timed(lambda: vae.decode(latents)))
-        conv3d_weights(module, torch.contiguous_format)
+        profile("diffusers", lambda: module.decode(z.to(torch.bfloat16)), results, save)
 
-        compile_vae(vae)
-        t0 = time.perf_counter()
-        vae.decode(latents)
-        torch.cuda.synchronize()
-        first = time.perf_counter() - t0
-        record("stream_compiled", timed(lambda: vae.decode(latents)) | {"first_call_s": first})
-        t0 = time.perf_counter()
-        vae._encode_stream(frames.to(torch.bfloat16))
-        torch.cuda.synchronize()
-        results["encode_compiled_first_call_s"] = time.perf_counter() - t0
-        record_encodes("stream_compiled", lambda v: vae._encode_stream(v.to(torch.bfloat16)))
-
-        for name, fn in (("stream_compiled", lambda: vae.decode(latents)),
-                         ("diffusers", lambda: module.decode(z.to(torch.bfloat16)))):
-            profile = profile_kernels(fn, cuda=True, top=15)
-            results[f"profile_{name}"] = profile
-            print(f"profile {name}", profile["total_ms"], profile["categories_ms"], flush=True)
-            for row in profile["top"][:12]:
-                print(f"  {row['self_ms']:8.1f} ms x{row['count']:5d} {row['name'][:110]}", flush=True)
+        laid_out_module = AutoencoderKLWan().to("cuda", torch.bfloat16).eval().requires_grad_(False)
+        laid_out_module.load_state_dict(module.state_dict())
+        laid_out = WanVAE(laid_out_module)
+        apply_vae_layout(laid_out)
+        for suffix, variant in (("", vae), ("_layout", laid_out)):
+            record("stream" + suffix, timed(lambda: variant.decode(latents)))
+            record_encodes("stream" + suffix, lambda v: variant._encode_stream(v.to(torch.bfloat16)))
+            compile_vae(variant)
+            t0 = time.perf_counter()
+            variant.decode(latents)
+            torch.cuda.synchronize()
+            first = time.perf_counter() - t0
+            record("stream_compiled" + suffix, timed(lambda: variant.decode(latents)) | {"first_call_s": first})
+            t0 = time.perf_counter()
+            variant._encode_stream(frames.to(torch.bfloat16))
+            torch.cuda.synchronize()
+            results[f"encode_stream_compiled{suffix}_first_call_s"] = time.perf_counter() - t0
+            record_encodes("stream_compiled" + suffix, lambda v: variant._encode_stream(v.to(torch.bfloat16)))
+            profile("stream_compiled" + suffix, lambda: variant.decode(latents), results, save)
+            results["peak_stream_compiled" + suffix] = peak_breakdown(lambda: variant.decode(latents))
+            print("peak_stream_compiled" + suffix, json.dumps(results["peak_stream_compiled" + suffix], indent=1), flush=True)
             save()
+
+
+def profile(name, fn, results, save):
+    table = profile_kernels(fn, cuda=True, top=15)
+    results[f"profile_{name}"] = table
+    print(f"profile {name}", table["total_ms"], table["categories_ms"], flush=True)
+    for row in table["top"][:12]:
+        print(f"  {row['self_ms']:8.1f} ms x{row['count']:5d} {row['name'][:110]}", flush=True)
+    save()
+
+
+def peak_breakdown(fn, top=12) -> dict:
+    """What is allocated at the moment of fn's peak: the caching allocator's trace replayed, the live
+    blocks grouped by the Python line that allocated them (for a compiled graph, Inductor's buffer)."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.memory._record_memory_history(max_entries=1_000_000)
+    fn()
+    torch.cuda.synchronize()
+    trace = torch.cuda.memory._snapshot()["device_traces"][0]
+    torch.cuda.memory._record_memory_history(enabled=None)
+    live, total, peak, at_peak = {}, 0, 0, {}
+    for event in trace:
+        if event["action"] == "alloc":
+            live[event["addr"]] = event
+            total += event["size"]
+            if total > peak:
+                peak, at_peak = total, dict(live)
+        elif event["action"] == "free_completed" and event["addr"] in live:
+            total -= live.pop(event["addr"])["size"]
+    groups: dict = {}
+    for event in at_peak.values():
+        frame = next((f for f in event["frames"] if f["filename"].endswith(".py")), {"filename": "?", "line": 0})
+        key = f"{frame['filename']}:{frame['line']} {linecache.getline(frame['filename'], frame['line']).strip()[:90]}"
+        count, size = groups.get(key, (0, 0))
+        groups[key] = (count + 1, size + event["size"])
+    rows = sorted(groups.items(), key=lambda kv: -kv[1][1])[:top]
+    return {"allocated_before_gib": before / 2**30, "peak_in_call_gib": peak / 2**30,
+            "top": [{"where": key, "blocks": n, "gib": size / 2**30} for key, (n, size) in rows]}
+
 
 if __name__ == "__main__":
     main()

@@ -46,6 +46,7 @@ GPUs (the model takes the first rank's inputs, pipeline/parallel.py). Rank 0 wri
 
 import argparse
 import contextlib
+import copy
 import datetime
 import gc
 import json
@@ -80,6 +81,7 @@ from pipeline.kernels.compile import (  # noqa: E402
     compile_vae,
 )
 from pipeline.kernels.offload import offload_blocks, offload_problem  # noqa: E402
+from pipeline.kernels.vae_layout import apply_vae_layout  # noqa: E402
 from pipeline.models.checkpoints import Models  # noqa: E402
 from pipeline.models.tiny import TINY_VAE  # noqa: E402
 from pipeline.models.vae import VAETiling, WanVAE, latent_frames  # noqa: E402
@@ -247,6 +249,14 @@ class WindowBench:
             self.from_rank0(p.data)
         self.results["vae"] = {"params": sum(p.numel() for p in module.parameters()), "build_s": time.perf_counter() - t0}
 
+    def laid_out_vae_module(self):
+        """A copy of the VAE's module for apply_vae_layout, which pads it in place (the tiled
+        configurations need the module as built); one for all configurations, so that compiled VAE
+        graphs are reused (a second apply_vae_layout on it changes nothing)."""
+        if not hasattr(self, "_laid_out_vae_module"):
+            self._laid_out_vae_module = copy.deepcopy(self.vae_module)
+        return self._laid_out_vae_module
+
     def build(self, quant: str):
         """The DiT in bf16 on the device (bench_dit's builder); quant 'fp8' quantises its block linears."""
         gc.collect()
@@ -313,7 +323,11 @@ class WindowBench:
         if "offload" in state:
             entry["offload"] = {"host_gib": state["offload"].host_bytes / GiB, "ahead": state["offload"].ahead,
                                 "setup_s": state.get("offload_s"), "h2d": state.get("h2d")}
-        vae = WanVAE(self.vae_module, memory.vae_tiling)
+        if memory.vae_tiling is None and self.cuda:  # as the farm's renderers: the laid-out stream
+            vae = WanVAE(self.laid_out_vae_module(), None)
+            apply_vae_layout(vae)
+        else:
+            vae = WanVAE(self.vae_module, memory.vae_tiling)
         if memory.compile:
             compile_vae(vae)
         renderer = WindowRenderer(Models(dit=model, vae=vae), self.inputs, self.settings, seed=0)

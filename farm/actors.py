@@ -23,6 +23,7 @@ from pipeline.job import Job, RenderSettings
 from pipeline.kernels import fp8
 from pipeline.kernels.attention import apply_attention
 from pipeline.kernels.compile import check_compile, compile_blocks, compile_vae
+from pipeline.kernels.vae_layout import apply_vae_layout
 from pipeline.kernels.offload import check_offload, offload_blocks
 from pipeline.models.checkpoints import CheckpointPaths, Models, Precision, load_models
 from pipeline.models.tiny import write_tiny_checkpoints
@@ -82,6 +83,8 @@ def load_renderer_models(spec: ModelSpec) -> Models:
 
 def _apply(models: Models, spec: ModelSpec) -> Models:
     apply_attention(models.dit, spec.attention, spec.device)
+    if models.vae.device.type == "cuda" and not models.vae.module.use_tiling:
+        apply_vae_layout(models.vae)  # before compiling: the graphs do not guard on the weights' layout
     if spec.memory.compile:  # after the attention backend, which the compiled graph holds
         compile_blocks(models.dit, spec.device)
         compile_vae(models.vae)

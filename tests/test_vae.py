@@ -12,6 +12,7 @@ from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 from torch._dynamo.utils import counters
 
 from pipeline.kernels.compile import compile_problem, compile_vae
+from pipeline.kernels.vae_layout import apply_vae_layout
 from pipeline.models.vae import (
     VAETiling,
     WanVAE,
@@ -238,6 +239,42 @@ def test_compiled_streamed_vae(official, video, latents, decoded):
     assert counters["stats"]["unique_graphs"] - before == 4
     with pytest.raises(ValueError, match="already replaced"):
         compile_vae(vae)
+
+
+def test_vae_layout_is_exact(official):
+    """apply_vae_layout (channels-last, the base width padded with zero channels) against the plain
+    stream, float64: the same numbers up to summation order. The tiny VAE's base width 8 stands in for
+    the real 96; 8 -> 12 pads the conv inputs and outputs, norms and caches of the outer levels."""
+    plain = WanVAE.from_official(official, dtype=torch.float64)
+    laid_out = WanVAE.from_official(official, dtype=torch.float64)
+    apply_vae_layout(laid_out, {8: 12})
+    assert laid_out.module.decoder.conv_out.in_channels == 12 and laid_out.module.encoder.conv_in.out_channels == 12
+    assert laid_out.module.decoder.norm_out.gamma.shape[0] == 12
+    assert laid_out.module.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    gen = torch.Generator().manual_seed(3)
+    video = torch.rand(1, 3, 9, 48, 80, generator=gen, dtype=torch.float64) * 2 - 1
+    with torch.no_grad():
+        latents = plain._encode_stream(video)
+        torch.testing.assert_close(laid_out._encode_stream(video), latents, rtol=0, atol=1e-12)
+        torch.testing.assert_close(laid_out._decode_stream(latents), plain._decode_stream(latents), rtol=0, atol=1e-12)
+
+
+@pytest.mark.skipif(compile_problem("cpu") is not None, reason=f"torch.compile cannot run here: {compile_problem('cpu')}")
+def test_compiled_vae_layout(official, video, latents, decoded):
+    """The renderers' order on a GPU: apply_vae_layout, then compile_vae; the same encode and decode."""
+    vae = WanVAE.from_official(official)
+    apply_vae_layout(vae, {8: 12})
+    compile_vae(vae)
+    with torch.no_grad():
+        torch.testing.assert_close(vae.encode(video), latents, rtol=0, atol=1e-5)
+        torch.testing.assert_close(vae.decode(latents), decoded, rtol=0, atol=1e-5)
+
+
+def test_vae_layout_refusals(official):
+    with pytest.raises(ValueError, match="tiled VAE"):
+        apply_vae_layout(WanVAE.from_official(official, tiling=VAETiling()))
+    with pytest.raises(ValueError, match="attends over 32 channels"):  # the middle blocks' width
+        apply_vae_layout(WanVAE.from_official(official), {32: 48})
 
 
 def test_only_the_wan21_vae_streams(official):

@@ -193,13 +193,15 @@ class WanVAE:
     Device and dtype are the wrapped module's: inputs are moved to them, the per-channel normalisation
     runs in fp32, and outputs (latents and video) are fp32. Untiled, the video and the latents stream
     through `encode_chunk` and `decode_chunk` (pipeline/models/vae_stream.py; compile_vae compiles
-    them); tiled encodes and decodes are diffusers' own.
+    them) as chunks in `memory_format` (apply_vae_layout makes it channels-last); tiled encodes and
+    decodes are diffusers' own.
     """
 
     def __init__(self, module: AutoencoderKLWan, tiling: VAETiling | None = None) -> None:
         check_vae(module)
         self.module = module
         self.encode_chunk, self.decode_chunk = encode_chunk, decode_chunk
+        self.memory_format = torch.contiguous_format  # of the streamed chunks (kernels.vae_layout sets it)
         # The tiling switch lives on the diffusers module, so set it either way: the wrapper owns it.
         if tiling is None:
             module.disable_tiling()
@@ -289,7 +291,8 @@ class WanVAE:
         ends = [*starts[1:], video.shape[2]]
         caches, parts = None, []
         for start, end in zip(starts, ends):
-            part, caches = self.encode_chunk(self.module.encoder, _fresh(video[:, :, start:end]), caches)
+            chunk = _fresh(video[:, :, start:end], self.memory_format)
+            part, caches = self.encode_chunk(self.module.encoder, chunk, caches)
             parts.append(part)
         conv = self.module.quant_conv  # 1x1x1 to the mean and log-variance, z_dim channels each
         return F.conv3d(torch.cat(parts, dim=2), conv.weight, conv.bias)[:, : self.z_dim]
@@ -303,13 +306,15 @@ class WanVAE:
                             SPATIAL_FACTOR * width, device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
         caches, start = None, 0
         for i in range(frames):
-            chunk, caches = self.decode_chunk(self.module.decoder, _fresh(x[:, :, i : i + 1]), caches)
+            chunk = _fresh(x[:, :, i : i + 1], self.memory_format)
+            chunk, caches = self.decode_chunk(self.module.decoder, chunk, caches)
             video[:, :, start : start + chunk.shape[2]] = chunk
             start += chunk.shape[2]
         return video
 
 
-def _fresh(chunk: Tensor) -> Tensor:
-    """A chunk with the strides of a new tensor: a slice's depend on the whole video's length (and
-    .contiguous() keeps a 1-frame slice's), and compiled chunk functions guard on them."""
-    return chunk.clone(memory_format=torch.contiguous_format)
+def _fresh(chunk: Tensor, memory_format: torch.memory_format) -> Tensor:
+    """A chunk with the strides of a new tensor in `memory_format`: a slice's depend on the whole
+    video's length (and .contiguous() keeps a 1-frame slice's), and compiled chunk functions guard on
+    them."""
+    return chunk.clone(memory_format=memory_format)

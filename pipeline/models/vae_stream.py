@@ -18,7 +18,9 @@ mirror), written so that it is cheap and can be compiled:
     stays), the per-frame conv2ds are conv3ds with a temporal kernel of 1 on the 5-D tensor (no
     permutes), and the frames go into one preallocated video (no growing torch.cat): on an H100, two
     thirds of diffusers' 3.0 s window decode was such copies (benchmarks/RESULTS.md, "The VAE's 3.4 s
-    of a window"; now 1.6 s compiled, "The streamed VAE").
+    of a window"; now 1.6 s compiled, "The streamed VAE"; 1.2 s laid out for cuDNN by
+    pipeline/kernels/vae_layout.py, which the chunk functions follow: every tensor they make takes its
+    input's memory layout).
   - The caches are plain tensors in and out, so `torch.compile` of a chunk function traces two static
     graphs, the first chunk and every later one, and fuses each RMS norm + SiLU into one pass
     (pipeline/kernels/compile.py: compile_vae).
@@ -104,17 +106,16 @@ class _Stream:
         """diffusers' WanCausalConv3d on x with the cached frames in front of it."""
         if conv._padding[4] != CACHE_FRAMES:
             raise ValueError(f"causal conv with temporal padding {conv._padding[4]}, expected {CACHE_FRAMES}")
-        if self.first:
-            cache = x.new_zeros(*x.shape[:2], CACHE_FRAMES, *x.shape[3:])
-        else:
-            cache = self.old[len(self.new)]
+        cache = _zero_frames(x, CACHE_FRAMES) if self.first else self.old[len(self.new)]
         x = torch.cat([cache, x], dim=2)
-        self.new.append(x[:, :, -CACHE_FRAMES:].clone())  # a clone: the cat's buffer need not outlive the chunk
+        # A copy, so that the cat's buffer need not outlive the chunk. The layout is explicit: compiled, a
+        # plain clone of this slice (dense in channels-last) became a view of the 3x larger buffer.
+        self.new.append(x[:, :, -CACHE_FRAMES:].clone(memory_format=memory_format(x)))
         return F.conv3d(x, conv.weight, conv.bias, stride=conv.stride, padding=(0, conv._padding[2], conv._padding[0]))
 
     def skip(self, x: Tensor) -> None:
         """A causal conv that does not run on the first chunk: its cache starts as zeros for the second."""
-        self.new.append(x.new_zeros(*x.shape[:2], CACHE_FRAMES, *x.shape[3:]))
+        self.new.append(_zero_frames(x, CACHE_FRAMES))
 
     def strided_time_conv(self, conv: nn.Conv3d, x: Tensor) -> Tensor:
         """diffusers' downsampling time conv (kernel 3, stride 2, no padding): the first chunk passes
@@ -124,6 +125,20 @@ class _Stream:
         if cache is None:
             return x
         return F.conv3d(torch.cat([cache, x], dim=2), conv.weight, conv.bias, stride=conv.stride)
+
+
+def memory_format(x: Tensor) -> torch.memory_format:
+    """channels_last_3d for a 5-D tensor laid out channels-last (what cuDNN computes in on Hopper),
+    else contiguous_format."""
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _zero_frames(x: Tensor, frames: int) -> Tensor:
+    """Zeros shaped as x with `frames` frames, in x's memory layout (a cat of mixed layouts copies)."""
+    zeros = torch.empty(*x.shape[:2], frames, *x.shape[3:], dtype=x.dtype, device=x.device, memory_format=memory_format(x))
+    return zeros.zero_()
 
 
 def _rms_norm(norm: nn.Module, x: Tensor) -> Tensor:
@@ -154,6 +169,18 @@ def _attention(block: nn.Module, x: Tensor) -> Tensor:
     return x + y.view(b, t, h, w, c).permute(0, 4, 1, 2, 3)
 
 
+def _nearest_2x(x: Tensor) -> Tensor:
+    """Nearest 2x upsampling in space (each pixel copied to a 2x2 block), in x's memory layout.
+
+    The same numbers as diffusers' nearest-exact interpolate (its fp32 round trip around it changes
+    nothing), written as one broadcast copy: compiled from a channels-last x, F.interpolate became a
+    gather that wrote across layouts, 4.9 ms a chunk on the H100."""
+    b, c, t, h, w = x.shape
+    out = torch.empty(b, c, t, 2 * h, 2 * w, dtype=x.dtype, device=x.device, memory_format=memory_format(x))
+    out.view(b, c, t, h, 2, w, 2).copy_(x[:, :, :, :, None, :, None])
+    return out
+
+
 def _downsample(resample: WanResample, x: Tensor, stream: _Stream) -> Tensor:
     """diffusers' WanResample down: a 3x3 stride-2 conv per frame after padding right and bottom by one,
     then (downsample3d) the strided time conv."""
@@ -176,10 +203,11 @@ def _upsample(resample: nn.Module, x: Tensor, stream: _Stream) -> Tensor:
             x = stream.causal_conv(resample.time_conv, x)
             b, c2, t, h, w = x.shape
             # channels [0, C) are frame 2t, [C, 2C) frame 2t + 1
+            layout = memory_format(x)
             x = x.view(b, 2, c2 // 2, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c2 // 2, 2 * t, h, w)
+            x = x.contiguous(memory_format=layout)
     elif resample.mode != "upsample2d":
         raise ValueError(f"decoder resample mode {resample.mode!r}")
-    # nearest is exact duplication: diffusers' fp32 round trip around it changes nothing
-    x = F.interpolate(x, scale_factor=(1, 2, 2), mode="nearest-exact")
+    x = _nearest_2x(x)
     conv = resample.resample[1]
     return F.conv3d(x, conv.weight.unsqueeze(2), conv.bias, padding=(0, 1, 1))
