@@ -53,15 +53,19 @@ def timed(fn, reps=3) -> dict:
     return {"s": statistics.median(times), "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "out": out}
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def start(description: str) -> tuple[Path, dict]:
+    """The --out folder (made) and the results dict with the run's environment: a GPU benchmark's start."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/out"))
-    args = parser.parse_args()
-    out = Path(args.out)
+    out = Path(parser.parse_args().out)
     out.mkdir(parents=True, exist_ok=True)
-    results: dict = {"env": {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                             "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-                             "command": " ".join(sys.argv)}}
+    env = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "gpu": torch.cuda.get_device_name(),
+           "torch": torch.__version__, "cudnn": torch.backends.cudnn.version(), "command": " ".join(sys.argv)}
+    return out, {"env": env}
+
+
+def main():
+    out, results = start(__doc__)
     save = lambda: (out / "bench_vae.json").write_text(json.dumps(results, indent=1))
 
     module = AutoencoderKLWan().to("cuda", torch.bfloat16).eval().requires_grad_(False)

@@ -18,10 +18,7 @@ conv input (2 cached + 4 new frames) this times, for each conv shape of the deco
 Each: median ms of 10 (CUDA events), TFLOP/s of the unpadded conv, max relative difference to ncdhw.
 """
 
-import argparse
-import datetime
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -32,6 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_dit import time_ms  # noqa: E402
+from bench_vae import start  # noqa: E402
 
 SHAPES = {  # name: (in channels, out channels, height, width), kernel 3x3x3 on 6 frames -> 4
     "full_res_96": (96, 96, 480, 832),
@@ -68,14 +66,7 @@ def taps_conv(frames, taps, bias):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/out"))
-    args = parser.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results: dict = {"env": {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                             "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-                             "cudnn": torch.backends.cudnn.version(), "command": " ".join(sys.argv)}}
+    out, results = start(__doc__)
     gen = torch.Generator("cuda").manual_seed(0)
     with torch.inference_mode():
         for name, (cin, cout, h, w_) in SHAPES.items():
