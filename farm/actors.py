@@ -23,12 +23,19 @@ from pipeline.job import Job, RenderSettings
 from pipeline.kernels import fp8
 from pipeline.kernels.attention import apply_attention
 from pipeline.kernels.compile import check_compile, compile_blocks, compile_vae
-from pipeline.kernels.vae_layout import apply_vae_layout
 from pipeline.kernels.offload import check_offload, offload_blocks
+from pipeline.kernels.vae_layout import apply_vae_layout
 from pipeline.models.checkpoints import CheckpointPaths, Models, Precision, load_models
 from pipeline.models.tiny import write_tiny_checkpoints
 from pipeline.parallel import apply_sequence_parallel
-from pipeline.render import JobInputs, ResumeState, encode_job, finish_job, plan_for, render_windows
+from pipeline.render import (
+    JobInputs,
+    ResumeState,
+    encode_job,
+    finish_job,
+    plan_for,
+    render_windows,
+)
 
 log = logging.getLogger(__name__)
 
