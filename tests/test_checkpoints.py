@@ -57,6 +57,17 @@ def test_all_components_load_and_the_dit_holds_the_file_tensors(tiny, tiny_dit_s
         assert torch.equal(loaded[key], tensor), key
 
 
+@pytest.mark.parametrize("component", ["dit", "t5", "clip"])
+def test_every_tensor_lands_on_the_device_asked_for(tiny, component):
+    """Buffers that no file holds (CLIP's position ids, made on the CPU in __init__) go to the device
+    too: on CUDA, one left on the CPU failed every CLIP encode. The meta device stands in for CUDA."""
+    loaded = getattr(load_models(tiny, device="meta", components=[component]), component)
+    module = loaded if component == "dit" else loaded.model
+    tensors = dict(module.named_parameters()) | dict(module.named_buffers())
+    assert any("position_ids" in name for name in tensors) or component != "clip"
+    assert {name: t.device.type for name, t in tensors.items() if t.device.type != "meta"} == {}
+
+
 def test_precision_reaches_the_modules_and_is_logged(tiny, caplog):
     with caplog.at_level(logging.INFO, logger="pipeline.models.checkpoints"):
         models = load_models(tiny, Precision(dit="bf16", t5="bf16", clip="fp16", vae="bf16"))

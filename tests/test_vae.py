@@ -259,6 +259,21 @@ def test_vae_layout_is_exact(official):
         torch.testing.assert_close(laid_out._decode_stream(latents), plain._decode_stream(latents), rtol=0, atol=1e-12)
 
 
+def test_vae_layout_pads_activations_only(official):
+    """The tiny VAE's middle attention projects 32 channels to a 96-wide qkv: the default padding
+    (96 -> 128, the real VAE's base width) must leave that projection alone, or the attention's views
+    no longer fit (what every CUDA renderer of the tiny model hit)."""
+    plain = WanVAE.from_official(official, dtype=torch.float64)
+    laid_out = WanVAE.from_official(official, dtype=torch.float64)
+    apply_vae_layout(laid_out)
+    assert laid_out.module.decoder.mid_block.attentions[0].to_qkv.out_channels == 96
+    video = torch.rand(1, 3, 5, 32, 48, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * 2 - 1
+    with torch.no_grad():
+        latents = plain._encode_stream(video)
+        torch.testing.assert_close(laid_out._encode_stream(video), latents, rtol=0, atol=1e-12)
+        torch.testing.assert_close(laid_out._decode_stream(latents), plain._decode_stream(latents), rtol=0, atol=1e-12)
+
+
 @pytest.mark.skipif(compile_problem("cpu") is not None, reason=f"torch.compile cannot run here: {compile_problem('cpu')}")
 def test_compiled_vae_layout(official, video, latents, decoded):
     """The renderers' order on a GPU: apply_vae_layout, then compile_vae; the same encode and decode."""

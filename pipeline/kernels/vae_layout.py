@@ -48,10 +48,17 @@ def apply_vae_layout(vae: WanVAE, pad_channels: dict[int, int] = PAD_CHANNELS) -
 
 
 def _pad(module: nn.Module, old: int, new: int) -> None:
-    """Every conv input or output, norm gain and bias of width `old` padded with zeros to `new`."""
+    """Every conv input or output, norm gain and bias of width `old` padded with zeros to `new`.
+
+    Widths are those of the activations between layers. The attention blocks' projections are not
+    padded even where a width matches (the tiny VAE's 3 x 32-channel qkv is 96 wide): their outputs are
+    the concatenated q, k, v, not an activation."""
+    attention = [name for name, layer in module.named_modules() if isinstance(layer, WanAttentionBlock)]
     for name, layer in module.named_modules():
         if isinstance(layer, WanAttentionBlock) and layer.dim == old:
             raise ValueError(f"apply_vae_layout: {name} attends over {old} channels, which cannot be padded")
+        if any(name.startswith(f"{block}.") for block in attention):
+            continue
         if isinstance(layer, WanResample) and layer.mode == "upsample3d" and layer.time_conv.out_channels == old:
             # its output channels are two frames' halves: padding the end would shift the second half
             raise ValueError(f"apply_vae_layout: {name}.time_conv interleaves {old} channels, which cannot be padded")

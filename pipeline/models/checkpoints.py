@@ -199,6 +199,10 @@ def load_into(
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:5])})")
         raise CheckpointError(f"{what} does not match its checkpoint: " + "; ".join(parts))
+    # Buffers no file holds (position ids made in __init__, on the CPU) follow the weights to `device`.
+    for name, buffer in model.named_buffers():
+        if name not in set_by:
+            _set_tensor(model, name, buffer.to(device), is_param=False)
 
 
 def _non_persistent(model: nn.Module, buffer_name: str) -> set[str]:
