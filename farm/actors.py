@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from farm.config import MemorySettings
+from farm.errors import Loaded, as_worker_error
 from farm.localize import local_copies
 from farm.storage import RunStore
 from pipeline import media
@@ -115,17 +116,22 @@ class CachedPrompts:
 @ray.remote
 class Encoder:
     def __init__(self, spec: ModelSpec):
-        _prepare(spec)
-        device = spec.memory.encoder_device or spec.device
-        loaded = load_models(spec.paths, spec.precision, device, components=["t5", "clip", "wav2vec"])
-        self.models = Models(t5=CachedPrompts(loaded.t5), clip=loaded.clip, wav2vec=loaded.wav2vec)
+        self.models = Loaded(lambda: _load_encoders(spec))
 
     @ray.method(num_returns=2)
     def encode(self, job: Job, settings: RenderSettings) -> tuple[dict, JobInputs]:
         """(a small summary for the scheduler, the inputs for the renderer)."""
-        with local_copies(job) as local_job:
-            inputs = encode_job(self.models, local_job, settings)
+        models = self.models.get()
+        with as_worker_error(), local_copies(job) as local_job:
+            inputs = encode_job(models, local_job, settings)
         return {"frames": inputs.num_frames, "windows": len(plan_for(inputs.num_frames, settings))}, inputs
+
+
+def _load_encoders(spec: ModelSpec) -> Models:
+    _prepare(spec)
+    device = spec.memory.encoder_device or spec.device
+    loaded = load_models(spec.paths, spec.precision, device, components=["t5", "clip", "wav2vec"])
+    return Models(t5=CachedPrompts(loaded.t5), clip=loaded.clip, wav2vec=loaded.wav2vec)
 
 
 @ray.remote
@@ -134,13 +140,8 @@ class Renderer:
     members run the same window loop in lockstep (pipeline.parallel), rank 0 stores and reports."""
 
     def __init__(self, spec: ModelSpec, run_root: str, name: str, rank: int = 0, world: int = 1, rendezvous: str = ""):
-        _prepare(spec)
         self.name, self.rank = name, rank
-        self.models = load_renderer_models(spec)
-        if world > 1:
-            backend = "nccl" if spec.device == "cuda" else "gloo"
-            dist.init_process_group(backend, init_method=rendezvous, rank=rank, world_size=world, timeout=GROUP_TIMEOUT)
-            apply_sequence_parallel(self.models.dit)
+        self.models = Loaded(lambda: _load_renderer(spec, rank, world, rendezvous))
         self.store = RunStore(run_root)
         self.scratch = Path(tempfile.mkdtemp(prefix=f"talkfarm-{name}-{rank}-"))
 
@@ -148,30 +149,47 @@ class Renderer:
         """Render the job from its last stored window on; yields a progress event after every window
         (a streaming generator, so the driver sees progress while the job runs). Ranks > 0 of a
         group compute along and yield nothing."""
-        stored = self.store.load_state(job.id)
-        names = list(stored.segments) if stored else []
-        state = stored or ResumeState()
-        workdir = self.scratch / job.id
-        started = time.time()
-        for report in render_windows(self.models, job, inputs, settings, workdir, state):
-            if self.rank > 0:
+        models = self.models.get()
+        with as_worker_error():
+            stored = self.store.load_state(job.id)
+            names = list(stored.segments) if stored else []
+            state = stored or ResumeState()
+            workdir = self.scratch / job.id
+            started = time.time()
+            for report in render_windows(models, job, inputs, settings, workdir, state):
+                if self.rank > 0:
+                    Path(report.state.segments[-1]).unlink()
+                    continue
+                names.append(self.store.put_segment(job.id, report.state.segments[-1]))
+                self.store.save_state(job.id, report.state, names)
+                finished = time.time()
+                self.store.append_window_log(job.id, {
+                    "window": report.window.index, "attempt": attempt, "actor": self.name, "host": socket.gethostname(),
+                    "started": started, "finished": finished, "seconds": finished - started,
+                })
                 Path(report.state.segments[-1]).unlink()
-                continue
-            names.append(self.store.put_segment(job.id, report.state.segments[-1]))
-            self.store.save_state(job.id, report.state, names)
-            finished = time.time()
-            self.store.append_window_log(job.id, {
-                "window": report.window.index, "attempt": attempt, "actor": self.name, "host": socket.gethostname(),
-                "started": started, "finished": finished, "seconds": finished - started,
-            })
-            Path(report.state.segments[-1]).unlink()
-            started = finished
-            yield {"job": job.id, "window": report.window.index + 1, "windows": report.windows, "actor": self.name}
+                started = finished
+                yield {"job": job.id, "window": report.window.index + 1, "windows": report.windows, "actor": self.name}
+
+
+def _load_renderer(spec: ModelSpec, rank: int, world: int, rendezvous: str) -> Models:
+    _prepare(spec)
+    models = load_renderer_models(spec)
+    if world > 1:
+        backend = "nccl" if spec.device == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=rendezvous, rank=rank, world_size=world, timeout=GROUP_TIMEOUT)
+        apply_sequence_parallel(models.dit)
+    return models
 
 
 @ray.remote(num_cpus=1)
 def finish(job: Job, inputs: JobInputs, output_name: str, run_root: str) -> dict:
     """Concatenate the stored segments, mux the original audio, verify, publish under `output_name`."""
+    with as_worker_error():
+        return _finish(job, inputs, output_name, run_root)
+
+
+def _finish(job: Job, inputs: JobInputs, output_name: str, run_root: str) -> dict:
     store = RunStore(run_root)
     state = store.load_state(job.id)
     with tempfile.TemporaryDirectory(prefix="talkfarm-finish-") as tmp, local_copies(job) as local_job:

@@ -15,7 +15,7 @@ from farm.actors import ModelSpec
 from farm.config import TinyModel, checkpoint_paths, memory_settings, precision, render_settings, run_root
 from farm.manifest import read_manifest, settings_for, single_job
 from farm.progress import Progress
-from farm.scheduler import Resources, Scheduler
+from farm.scheduler import Resources, RunStopped, Scheduler
 from farm.storage import RunStore
 
 log = logging.getLogger("talkfarm")
@@ -68,6 +68,10 @@ def run(cfg: DictConfig) -> int:
             progress.close()
             log.warning("interrupted: every finished window is stored; run the same command again to resume")
             return 130
+        except RunStopped as stopped:
+            progress.close()
+            log.error("run stopped: %s; every finished window is stored", stopped)
+            return 1
         finally:
             progress.close()
             scheduler.stop()

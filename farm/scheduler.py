@@ -5,9 +5,12 @@
   manifest does not end with one GPU rendering its longest job alone.
 - Rendering is a streaming generator: one event per window, which drives the progress display.
 - A renderer that dies (ray.kill, OOM, lost node) is replaced; its job goes back to the queue and
-  resumes from its last stored window on whichever renderer is free. Each job has a retry budget;
-  input errors (a file ffmpeg cannot read, a bad box) fail the row at once. A renderer whose jobs keep
-  failing is replaced after `actor_failure_limit` failures in a row.
+  resumes from its last stored window on whichever renderer is free. Each job has a retry budget, spent
+  only on failures a retry can get past (a lost actor, I/O, out of memory: farm/errors.py); any other
+  error (a file ffmpeg cannot read, a bad box, a bug) fails the row at once, its traceback logged once.
+  A renderer whose jobs keep failing is replaced after `actor_failure_limit` failures in a row.
+- A worker that cannot load its models (a bad checkpoint, a missing kernel) stops the run: every job
+  would fail the same way. The rows not finished stay as they are, for a re-run.
 
 The scheduler's memory is a cache: everything a job needs to resume is in the RunStore.
 """
@@ -25,14 +28,16 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from farm.actors import Encoder, ModelSpec, Renderer, finish
+from farm.errors import WorkerError
 from farm.manifest import ManifestRow
 from farm.progress import Progress
-from pipeline.job import JobError, RenderSettings
-from pipeline.media import MediaError
+from pipeline.job import RenderSettings
 
 log = logging.getLogger(__name__)
 
-PERMANENT = (JobError, MediaError)  # wrong inputs: retrying cannot help
+
+class RunStopped(RuntimeError):
+    """A worker could not start; the message says which and why, in one line."""
 
 
 @dataclass
@@ -136,11 +141,16 @@ class Scheduler:
         idle = list(self.renderers)
         self.progress.start(len(rows))
 
-        def fail_or_retry(task: Task, error: BaseException, context: str = "") -> None:
+        def fail_or_retry(task: Task, error: BaseException, context: str = "", worker: str = "a worker") -> None:
             cause = error.cause if isinstance(error, RayTaskError) else error
             task.attempts += 1
-            if isinstance(cause, PERMANENT) or task.attempts > self.resources.max_retries:
-                reason = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
+            if isinstance(cause, WorkerError):
+                if cause.startup:
+                    raise RunStopped(f"{worker} could not load its models: {cause.reason}")
+                log.error("job %s, attempt %d:\n%s", task.id, task.attempts, cause.traceback_text.rstrip())
+            retryable = cause.retryable if isinstance(cause, WorkerError) else True  # Ray's own: a lost actor or object
+            if not retryable or task.attempts > self.resources.max_retries:
+                reason = cause.reason if isinstance(cause, WorkerError) else _first_line(cause)
                 reason = f"{context}: {reason}" if context else reason
                 self.progress.job_failed(task.id, reason)
                 self.on_result(self._row(task, "failed", error=reason))
@@ -183,7 +193,7 @@ class Scheduler:
                             self.encoders[slot] = Encoder.options(**self.resources.encoder).remote(self.spec)
                             context = f"encoder {slot} died"
                         task.inputs = None
-                        fail_or_retry(task, error, context)
+                        fail_or_retry(task, error, context, worker=f"encoder {slot}")
                 elif ref in followers:
                     name = followers.pop(ref)
                     try:
@@ -196,7 +206,7 @@ class Scheduler:
                         idle.append(self._replace(name, "a member of its group died"))
                         if leader is not None:
                             task, _ = rendering.pop(leader)
-                            fail_or_retry(task, error, f"{name} lost a group member after window {task.windows_done}")
+                            fail_or_retry(task, error, f"{name} lost a group member after window {task.windows_done}", name)
                 elif ref in rendering:
                     task, name = rendering[ref]
                     try:
@@ -222,7 +232,7 @@ class Scheduler:
                             # a group's other members may be stuck in a collective: replace it whole
                             name = self._replace(name, f"{self.failures[name]} jobs failed in a row")
                         idle.append(name)
-                        fail_or_retry(task, error)
+                        fail_or_retry(task, error, worker=name)
                 else:
                     task = finishing.pop(ref)
                     try:
@@ -241,3 +251,7 @@ class Scheduler:
             "windows": meta.get("windows"), "seconds": time.time() - task.started if task.started else None,
             "actor": task.actor, "attempts": task.attempts + (status == "done"),
         }
+
+
+def _first_line(error: BaseException) -> str:
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)

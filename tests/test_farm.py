@@ -17,6 +17,7 @@ from hydra import compose, initialize_config_module
 from farm.run import run
 from farm.storage import RunStore
 from pipeline import media
+from pipeline.models.tiny import write_tiny_checkpoints
 from pipeline.windows import frames_for_duration
 
 JOBS = {"a": 0.5, "b": 1.3, "c": 2.1, "d": 0.9, "long": 5.5}  # seconds of speech
@@ -176,9 +177,9 @@ def test_a_renderer_whose_jobs_keep_failing_is_replaced(ray_cluster, manifest, t
     one.write_text(json.dumps({"id": "a", "image": "face.png", "audio": "a.wav"}) + "\n")
     store = RunStore(str(tmp_path / "run"))
     store.save_config("")
-    # a state file that cannot be read: every attempt fails inside the renderer
-    (tmp_path / "run" / "jobs" / "a").mkdir(parents=True)
-    (tmp_path / "run" / "jobs" / "a" / "state.json").write_text("{not json")
+    # a state file that cannot be read (a directory: an OSError, which a retry might get past): every
+    # attempt fails inside the renderer
+    (tmp_path / "run" / "jobs" / "a" / "state.json").mkdir(parents=True)
     overrides = (f"manifest={one}", f"storage.root={store.url}", "cluster.max_retries=1", "cluster.actor_failure_limit=1")
     with caplog.at_level("WARNING", logger="farm.scheduler"):
         assert run(config(*overrides)) == 1
@@ -220,3 +221,34 @@ def test_gpus_make_groups_of_sp_degree_and_the_rest_single_renderers(monkeypatch
     resources = farm.run._resources(config(f"cluster.sp_degree={degree}", "cluster.renderers=null"))
     assert resources.group_sizes == sizes
     assert resources.renderer == {"CPU": 1, "GPU": 1}
+
+
+def test_an_error_a_retry_cannot_fix_fails_the_row_at_once_with_its_traceback_logged_once(
+    ray_cluster, manifest, tmp_path, caplog
+):
+    one = manifest.parent / "one.jsonl"
+    one.write_text(json.dumps({"id": "a", "image": "face.png", "audio": "a.wav"}) + "\n")
+    store = RunStore(str(tmp_path / "run"))
+    store.save_config("")
+    (tmp_path / "run" / "jobs" / "a").mkdir(parents=True)
+    (tmp_path / "run" / "jobs" / "a" / "state.json").write_text("{not json")  # the same on every attempt
+    with caplog.at_level("ERROR", logger="farm.scheduler"):
+        assert run(config(f"manifest={one}", f"storage.root={store.url}", "cluster.max_retries=3")) == 1
+    row = store.read_results()[0]
+    assert row["status"] == "failed" and row["attempts"] == 1, row
+    assert row["error"].startswith("JSONDecodeError: Expecting property name"), row
+    tracebacks = [r.getMessage() for r in caplog.records if "Traceback" in r.getMessage()]
+    assert len(tracebacks) == 1 and "json.decoder.JSONDecodeError" in tracebacks[0] and "load_state" in tracebacks[0]
+
+
+def test_a_renderer_that_cannot_load_stops_the_run_and_keeps_the_rows_for_a_rerun(ray_cluster, manifest, tmp_path, caplog):
+    weights = tmp_path / "weights"
+    paths = write_tiny_checkpoints(weights)
+    paths.vae().write_bytes(b"not a checkpoint")  # the tiny set stays 'complete': it is not rewritten
+    store = RunStore(str(tmp_path / "run"))
+    with caplog.at_level("ERROR", logger="talkfarm"):
+        code = run(config(f"manifest={manifest}", f"storage.root={store.url}", f"model.dir={weights}"))
+    assert code == 1
+    stopped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("run stopped:")]
+    assert len(stopped) == 1 and "could not load its models: " in stopped[0] and "Wan2.1_VAE.pth" in stopped[0], stopped
+    assert all(r["status"] != "failed" for r in store.read_results())  # nothing marked failed: a re-run renders them
