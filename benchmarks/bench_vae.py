@@ -10,7 +10,7 @@ with an fp32 decode of the same latents by diffusers (the reference) and with di
   diffusers         AutoencoderKLWan.decode, what WanVAE ran before pipeline/models/vae_stream.py
   stream            WanVAE.decode: the streamed decode, eager (memory.compile off)
   stream_compiled   the stream after compile_vae (memory.compile on); its first call is timed apart
-  *_layout          the same after apply_vae_layout (pipeline/kernels/vae_layout.py: channels-last,
+  *_layout          the same after apply_vae_layout (pipeline/models/vae_layout.py: channels-last,
                     the 96-channel layers padded to 128), on a copy of the module
 Plus torch.profiler tables of the diffusers and the compiled decodes, and what is allocated at each
 compiled decode's peak (the allocator's trace, grouped by the line that allocated). Times: wall clock
@@ -35,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_dit import profile_kernels, rel_err
 from diffusers import AutoencoderKLWan
 
-from pipeline.kernels.compile import compile_vae
-from pipeline.kernels.vae_layout import apply_vae_layout
+from pipeline.models.vae import compile_vae
+from pipeline.models.vae_layout import apply_vae_layout
 from pipeline.models.vae import WanVAE
 
 

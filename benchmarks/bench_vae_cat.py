@@ -18,7 +18,7 @@ from diffusers import AutoencoderKLWan
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.kernels.vae_layout import apply_vae_layout
+from pipeline.models.vae_layout import apply_vae_layout
 from pipeline.models.vae import WanVAE
 from pipeline.models.vae_stream import decode_chunk, encode_chunk
 

@@ -75,16 +75,12 @@ from pipeline.color import match_colors  # noqa: E402
 from pipeline.job import RenderSettings  # noqa: E402
 from pipeline.kernels import attention, fp8  # noqa: E402
 from pipeline.kernels.attention import apply_attention  # noqa: E402
-from pipeline.kernels.compile import (  # noqa: E402
-    compile_blocks,
-    compile_problem,
-    compile_vae,
-)
+from pipeline.kernels.compile import compile_blocks, compile_problem  # noqa: E402
 from pipeline.kernels.offload import offload_blocks, offload_problem  # noqa: E402
-from pipeline.kernels.vae_layout import apply_vae_layout  # noqa: E402
+from pipeline.models.vae_layout import apply_vae_layout  # noqa: E402
 from pipeline.models.checkpoints import Models  # noqa: E402
 from pipeline.models.tiny import TINY_VAE  # noqa: E402
-from pipeline.models.vae import VAETiling, WanVAE, latent_frames  # noqa: E402
+from pipeline.models.vae import VAETiling, WanVAE, compile_vae, latent_frames  # noqa: E402
 from pipeline.parallel import apply_sequence_parallel  # noqa: E402
 from pipeline.render import JobInputs, WindowRenderer  # noqa: E402
 from pipeline.windows import Window, window_audio  # noqa: E402

@@ -23,11 +23,12 @@ from pipeline import media
 from pipeline.job import Job, RenderSettings
 from pipeline.kernels import fp8
 from pipeline.kernels.attention import apply_attention
-from pipeline.kernels.compile import check_compile, compile_blocks, compile_vae
+from pipeline.kernels.compile import check_compile, compile_blocks
 from pipeline.kernels.offload import check_offload, offload_blocks
-from pipeline.kernels.vae_layout import apply_vae_layout
+from pipeline.models.vae_layout import apply_vae_layout
 from pipeline.models.checkpoints import CheckpointPaths, Models, Precision, load_models
 from pipeline.models.tiny import write_tiny_checkpoints
+from pipeline.models.vae import compile_vae
 from pipeline.parallel import apply_sequence_parallel
 from pipeline.render import (
     JobInputs,

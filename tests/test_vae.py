@@ -11,11 +11,12 @@ from diffusers import AutoencoderKLWan
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 from torch._dynamo.utils import counters
 
-from pipeline.kernels.compile import compile_problem, compile_vae
-from pipeline.kernels.vae_layout import apply_vae_layout
+from pipeline.kernels.compile import compile_problem
+from pipeline.models.vae_layout import apply_vae_layout
 from pipeline.models.vae import (
     VAETiling,
     WanVAE,
+    compile_vae,
     latent_frames,
     vae_config_from_shapes,
     vae_state_dict_from_official,

@@ -1,9 +1,9 @@
 """Regional torch.compile of the DiT: every block's forward compiled, one compiled graph shared by all;
-and of the VAE's streamed encode and decode.
+and the checks every compiled piece makes (the VAE's own compile is pipeline/models/vae.py's compile_vae).
 
     compile_blocks(model, device=None) -> CompiledBlocks   compile each block of `model.blocks` in place
-    compile_vae(vae)                                       compile WanVAE's encode and decode chunks in place
     compile_problem(device)                                why torch.compile cannot run on `device`, or None
+    raise_recompile_limit()                                let one process compile RECOMPILE_LIMIT shapes
 
 Why the blocks: the 40 blocks are one class with one `forward`. Dynamo keeps compiled code per code
 object and guards on the tensors' properties (shape, dtype, device, strides), not on which block it
@@ -46,8 +46,6 @@ import torch._dynamo
 import torch.nn as nn
 
 from pipeline.kernels import KernelUnavailable
-from pipeline.models.vae import WanVAE
-from pipeline.models.vae_stream import decode_chunk, encode_chunk
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +120,7 @@ def compile_blocks(model: nn.Module, device: torch.device | str | None = None) -
     if device is None:
         device = next(p.device for n, p in model.named_parameters() if not n.startswith("blocks."))
     check_compile(device)
-    _raise_recompile_limit()
+    raise_recompile_limit()
 
     state = CompiledBlocks(len(blocks))
     for block in blocks:
@@ -145,22 +143,7 @@ def compile_blocks(model: nn.Module, device: torch.device | str | None = None) -
     return state
 
 
-def compile_vae(vae: WanVAE) -> None:
-    """torch.compile the VAE's streamed encode and decode chunks (dynamic=False) on the VAE's device.
-
-    Two graphs each per frame size: the first chunk and every later one (pipeline/models/vae_stream.py).
-    Tiled encodes and decodes are diffusers' own and stay eager. KernelUnavailable if torch.compile
-    cannot run there."""
-    if vae.encode_chunk is not encode_chunk or vae.decode_chunk is not decode_chunk:
-        raise ValueError("the VAE's chunk functions are already replaced (compiled twice?)")
-    check_compile(vae.device)
-    _raise_recompile_limit()
-    vae.encode_chunk = torch.compile(encode_chunk, dynamic=False)
-    vae.decode_chunk = torch.compile(decode_chunk, dynamic=False)
-    log.info("compile_vae: the streamed VAE encode and decode on %s, torch.compile(dynamic=False)", vae.device)
-
-
-def _raise_recompile_limit() -> None:
+def raise_recompile_limit() -> None:
     """Every shape is one cache entry of the compiled code object; past dynamo's recompile limit (8 by
     default) it would quietly run eagerly. Raised to RECOMPILE_LIMIT, a process-wide setting."""
     config = torch._dynamo.config

@@ -488,7 +488,8 @@ class CheckpointPaths:
 @dataclass(frozen=True)
 class Precision:
     """Base dtype per component ('bf16', 'fp16', 'fp32'). Defaults follow the official code, except
-    the VAE in bf16 (measured: 1.6x faster decode, half the memory; reference doc section 7)."""
+    the VAE in bf16: half the memory of fp32, faster, and its decode within 1.5% of fp32's
+    (benchmarks/RESULTS.md, "The streamed VAE")."""
 
     dit: str = "bf16"
     t5: str = "bf16"

@@ -18,6 +18,7 @@ unknown keys through silently, so it cannot guard a loader.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,7 +28,10 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKLWan
 from torch import Tensor
 
+from pipeline.kernels.compile import check_compile, raise_recompile_limit
 from pipeline.models.vae_stream import check_vae, decode_chunk, encode_chunk
+
+log = logging.getLogger(__name__)
 
 TEMPORAL_FACTOR = 4
 SPATIAL_FACTOR = 8
@@ -174,10 +178,10 @@ def vae_state_dict_to_official(diffusers_state_dict: Mapping[str, Tensor]) -> di
 class VAETiling:
     """Spatial tiling in pixels (defaults are diffusers'). Tiles overlap by size - stride and are blended.
 
-    Tiling changes the result. The reference measured 4% relative error with 32-pixel tiles on random
-    weights (INFINITETALK.md 2b); the tiny random-weight VAE of tests/test_vae.py shows far more, so it is
-    no exact substitute. It saves memory (a 117-frame 832x480 decode on an H100: peak 10.1 -> 3.6 GiB in
-    fp32, INFINITETALK.md 7) at about twice the time: use it only where memory needs it, with large tiles.
+    Tiling changes the result: a tiled decode of the 14B's VAE (random weights) differs from the untiled
+    one by 9.9% with 256/192 tiles (benchmarks/RESULTS.md, "Memory presets"); the tiny random-weight VAE
+    of tests/test_vae.py shows far more, so it is no exact substitute. It saves memory at the cost of
+    time (same section): use it only where memory needs it, with large tiles.
     A frame no larger than one tile is not tiled at all. diffusers tiles encode as well as decode.
     """
 
@@ -192,16 +196,16 @@ class WanVAE:
 
     Device and dtype are the wrapped module's: inputs are moved to them, the per-channel normalisation
     runs in fp32, and outputs (latents and video) are fp32. Untiled, the video and the latents stream
-    through `encode_chunk` and `decode_chunk` (pipeline/models/vae_stream.py; compile_vae compiles
-    them) as chunks in `memory_format` (apply_vae_layout makes it channels-last); tiled encodes and
-    decodes are diffusers' own.
+    through `encode_chunk` and `decode_chunk` (pipeline/models/vae_stream.py; compile_vae below compiles
+    them) as chunks in `memory_format` (apply_vae_layout, pipeline/models/vae_layout.py, makes it
+    channels-last); tiled encodes and decodes are diffusers' own.
     """
 
     def __init__(self, module: AutoencoderKLWan, tiling: VAETiling | None = None) -> None:
         check_vae(module)
         self.module = module
         self.encode_chunk, self.decode_chunk = encode_chunk, decode_chunk
-        self.memory_format = torch.contiguous_format  # of the streamed chunks (kernels.vae_layout sets it)
+        self.memory_format = torch.contiguous_format  # of the streamed chunks (apply_vae_layout sets it)
         # The tiling switch lives on the diffusers module, so set it either way: the wrapper owns it.
         if tiling is None:
             module.disable_tiling()
@@ -228,7 +232,8 @@ class WanVAE:
         """Build from an official-layout state dict (e.g. `Wan2.1_VAE.pth` loaded with weights_only=True).
 
         The module is built on the meta device and takes the tensors as they are moved, so host memory
-        holds the weights once. The official code runs the VAE in fp32; bf16 is faster (reference 7).
+        holds the weights once. The official code runs the VAE in fp32; Precision's default is bf16 (its
+        reasons there).
         """
         config, converted = _convert_official(state_dict)
         with torch.device("meta"):
@@ -311,6 +316,21 @@ class WanVAE:
             video[:, :, start : start + chunk.shape[2]] = chunk
             start += chunk.shape[2]
         return video
+
+
+def compile_vae(vae: WanVAE) -> None:
+    """torch.compile the VAE's streamed encode and decode chunks (dynamic=False) on the VAE's device.
+
+    Two graphs each per frame size: the first chunk and every later one (pipeline/models/vae_stream.py).
+    Tiled encodes and decodes are diffusers' own and stay eager. KernelUnavailable if torch.compile
+    cannot run there."""
+    if vae.encode_chunk is not encode_chunk or vae.decode_chunk is not decode_chunk:
+        raise ValueError("the VAE's chunk functions are already replaced (compiled twice?)")
+    check_compile(vae.device)
+    raise_recompile_limit()
+    vae.encode_chunk = torch.compile(encode_chunk, dynamic=False)
+    vae.decode_chunk = torch.compile(decode_chunk, dynamic=False)
+    log.info("compile_vae: the streamed VAE encode and decode on %s, torch.compile(dynamic=False)", vae.device)
 
 
 def _fresh(chunk: Tensor, memory_format: torch.memory_format) -> Tensor:

@@ -19,11 +19,11 @@ mirror), written so that it is cheap and can be compiled:
     permutes), and the frames go into one preallocated video (no growing torch.cat): on an H100, two
     thirds of diffusers' 3.0 s window decode was such copies (benchmarks/RESULTS.md, "The VAE's 3.4 s
     of a window"; now 1.6 s compiled, "The streamed VAE"; 1.2 s laid out for cuDNN by
-    pipeline/kernels/vae_layout.py, which the chunk functions follow: every tensor they make takes its
+    pipeline/models/vae_layout.py, which the chunk functions follow: every tensor they make takes its
     input's memory layout).
   - The caches are plain tensors in and out, so `torch.compile` of a chunk function traces two static
     graphs, the first chunk and every later one, and fuses each RMS norm + SiLU into one pass
-    (pipeline/kernels/compile.py: compile_vae).
+    (pipeline/models/vae.py: compile_vae).
 
 Only the Wan2.1 VAE (diffusers' WanUpBlock and flat encoder, no patching); `check_vae` says so at load.
 """
