@@ -12,7 +12,10 @@ Backends (`get_attention(name)`; `apply_attention(model, name)` puts one on ever
   sdpa  PyTorch scaled_dot_product_attention. On CUDA it is pinned to one of SDPA's kernels
         (`SDPA_CUDA_KERNEL`, chosen by measurement on the H100 at the 14B's self-attention shape,
         benchmarks/RESULTS.md), so the kernel cannot change under us; if that kernel refuses a shape
-        the call fails instead of quietly running a slower one. On the CPU, plain SDPA.
+        the call fails instead of quietly running a slower one. cuDNN and flash take fp16 and bf16
+        only, so fp32 attention (model.precision.dit=fp32, as the tiny model has) is pinned to
+        `SDPA_FP32_KERNEL`, the one CUDA kernel of SDPA's for it: a fixed split by dtype. On the CPU,
+        plain SDPA.
   sage  SageAttention 1.0.6 (PyPI, Triton; INT8 Q.K^T, fp16 P.V) on CUDA. Its kernel does not mask a
         partial last key block (the missing keys count as logit-0 keys with value 0), which is
         harmless when the partial block is a sliver of the keys (self-attention: 48 of 46,800) and
@@ -54,6 +57,7 @@ SDPA_CUDA_KERNELS = {
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
 }
 SDPA_CUDA_KERNEL = "cudnn"
+SDPA_FP32_KERNEL = "efficient"  # fp32 q, k, v: cuDNN and flash refuse them ("No available kernel")
 
 # Fastest first, as measured on the H100 at the 14B's shapes (benchmarks/RESULTS.md): self-attention
 # 77 ms (sdpa/cuDNN) vs 100 ms (sage); whole forward at 117 frames 7.2 s vs 8.3 s. int8fp8 is faster
@@ -73,11 +77,12 @@ def sdpa_with(kernel: str | None) -> AttentionFn:
     """SDPA pinned on CUDA to one of its kernels ('cudnn', 'flash', 'efficient'); None: PyTorch's own
     choice. CPU tensors always take plain SDPA."""
     backend = None if kernel is None else SDPA_CUDA_KERNELS[kernel]
+    fp32_backend = None if kernel is None else SDPA_CUDA_KERNELS[SDPA_FP32_KERNEL]
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         q, k, v = q.to(v.dtype).transpose(1, 2), k.to(v.dtype).transpose(1, 2), v.transpose(1, 2)
         if v.is_cuda and backend is not None:
-            with sdpa_kernel(backend):
+            with sdpa_kernel(fp32_backend if v.dtype == torch.float32 else backend):
                 out = F.scaled_dot_product_attention(q, k, v)
         else:
             out = F.scaled_dot_product_attention(q, k, v)
@@ -211,7 +216,7 @@ def get_attention(name: str, device: torch.device | str | None = None) -> Attent
 
 def describe(fn: AttentionFn) -> str:
     if fn is sdpa_attention:
-        return f"sdpa (CUDA kernel pinned: {SDPA_CUDA_KERNEL})"
+        return f"sdpa (CUDA kernel pinned: {SDPA_CUDA_KERNEL}; fp32: {SDPA_FP32_KERNEL})"
     if fn is sage_attention:
         return (f"sage (sageattention; key lengths whose partial {SAGE_BLOCK_N}-key block exceeds "
                 f"{SAGE_MAX_PHANTOM:.2%} of the keys use sdpa, CUDA kernel {SDPA_CUDA_KERNEL})")

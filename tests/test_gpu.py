@@ -1,0 +1,131 @@
+"""The paths that run only on CUDA, on a GPU machine; skipped elsewhere (CPU CI cannot see them).
+
+- The README's demo through the talkfarm CLI with each memory preset and quant mode.
+- The tiny model's windows on CUDA against the CPU, in fp32.
+- One job through every code path that runs only on CUDA: the VAE's cuDNN layout, compiled blocks and
+  VAE, fp8 GEMMs, block offload, a tiled VAE, and the int8fp8 attention kernel at a length that uses it.
+
+    python -m pytest -m gpu tests/test_gpu.py        (README, "Contributing")
+"""
+
+import itertools
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from farm.actors import ModelSpec, load_renderer_models
+from farm.config import MemorySettings
+from farm.storage import RunStore
+from pipeline import media
+from pipeline.job import Job, RenderSettings
+from pipeline.kernels.attention import INT8FP8_MIN_KEYS
+from pipeline.models.checkpoints import Precision, load_models
+from pipeline.models.vae import VAETiling
+from pipeline.render import encode_job, render_windows
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+ROOT = Path(__file__).parents[1]
+DEMO = ROOT / "jobs" / "demo"
+JOB = Job(id="demo", audio=(str(DEMO / "speech.wav"),), image=str(DEMO / "astronaut.png"), prompt="a woman talks", seed=7)
+# The demo's settings (preset=demo) with one guidance pass: 33-frame windows, 9 of motion.
+SETTINGS = RenderSettings(window=33, motion=9, scheduler="euler", steps=4, shift=5.0, text_scale=1.0, audio_scale=1.0,
+                          size="128x128")
+FP32 = Precision(dit="fp32", t5="fp32", clip="fp32", vae="fp32")
+
+
+ENCODERS = ["t5", "clip", "wav2vec"]
+
+
+def windows(models, inputs, settings, tmp_path, count=2):
+    """The first `count` windows' decoded frames: the second opens on the first's motion latents."""
+    reports = itertools.islice(render_windows(models, JOB, inputs, settings, tmp_path), count)
+    return torch.cat([r.frames.float() for r in reports])
+
+
+def encoded(tiny, settings=SETTINGS):
+    return encode_job(load_models(tiny, FP32, "cpu", ENCODERS), JOB, settings)
+
+
+def rel(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.fixture
+def no_tf32():
+    """CUDA's fp32 matmuls and convolutions in full fp32, so that CUDA and CPU compute the same thing."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("memory, quant", [
+    ("none", "none"), ("fast", "none"), ("fast", "fp8"), ("24gb", "fp8"), ("24gb", "fp8_weights"), ("12gb", "fp8_weights"),
+])
+def test_the_demo_renders_through_the_cli(memory, quant, tmp_path):
+    """README: `talkfarm manifest=jobs/demo/manifest.jsonl preset=demo`, on the GPU, with the preset."""
+    root = tmp_path / "run"
+    command = [sys.executable, "-m", "farm.cli", "manifest=jobs/demo/manifest.jsonl", "preset=demo", "model.device=cuda",
+               f"memory={memory}", f"quant={quant}", f"storage.root={root}", f"model.dir={tmp_path / 'tiny'}"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    rows = RunStore(str(root)).read_results()
+    assert len(rows) == 2 and all(r["status"] == "done" for r in rows), rows
+    for row in rows:
+        info = media.probe(row["output"])
+        assert info.video.frame_count == row["frames"] == 97 and info.audio is not None  # 3.86 s at 25 fps
+
+
+def test_the_tiny_model_renders_on_cuda_as_on_the_cpu(tiny, tmp_path, no_tf32):
+    on_cpu, on_cuda = load_models(tiny, FP32, "cpu"), load_models(tiny, FP32, "cuda")
+    inputs = encode_job(on_cpu, JOB, SETTINGS)
+    for name in ("text", "audio", "clip_tokens"):  # the encoders, on CUDA
+        torch.testing.assert_close(getattr(encode_job(on_cuda, JOB, SETTINGS), name), getattr(inputs, name),
+                                   rtol=1e-4, atol=1e-4)
+    cpu = windows(on_cpu, inputs, SETTINGS, tmp_path / "cpu")
+    cuda = windows(on_cuda, inputs, SETTINGS, tmp_path / "cuda")
+    error = (cuda - cpu).abs().max().item()
+    print(f"CUDA against CPU, fp32, 2 windows: max |difference| {error:.2e}, relative {rel(cuda, cpu):.2e}")
+    assert error < 1e-3
+
+
+def spec(tiny, attention="sdpa", quant="none", **memory) -> ModelSpec:
+    return ModelSpec(tiny, Precision(), "cuda", attention, quant, memory=MemorySettings(**memory))
+
+
+def test_every_cuda_only_path_renders_a_job(tiny, tmp_path):
+    """bf16 on CUDA: eager against compiled and laid out (same quant), offload against on-GPU (the same
+    arithmetic), a tiled VAE against the untiled one (tiles blend: close, not equal)."""
+    inputs = encoded(tiny)
+
+    def frames(name, **kwargs):
+        return windows(load_renderer_models(spec(tiny, **kwargs)), inputs, SETTINGS, tmp_path / name)
+
+    eager = frames("eager", quant="fp8")
+    models = load_renderer_models(spec(tiny, quant="fp8", compile=True))
+    assert models.vae.memory_format == torch.channels_last_3d  # the cuDNN layout, applied on CUDA untiled
+    fast = windows(models, inputs, SETTINGS, tmp_path / "fast")
+    offloaded = frames("offload", quant="fp8", compile=True, offload=True)
+    tiled = frames("tiled", quant="fp8_weights", compile=True, offload=True, offload_ahead=1,
+                   vae_tiling=VAETiling(64, 64, 48, 48))
+    print(f"relative to eager fp8: compiled {rel(fast, eager):.2e}, offloaded {rel(offloaded, fast):.2e}, "
+          f"tiled fp8_weights {rel(tiled, eager):.2e}")
+    assert rel(fast, eager) < 2e-2
+    assert rel(offloaded, fast) < 1e-3
+    assert rel(tiled, eager) < 0.1
+
+
+def test_the_int8fp8_kernel_renders_a_job_at_a_length_that_uses_it(tiny, tmp_path):
+    """At 832x480 a 33-frame window has 9 x 1,560 tokens, over INT8FP8_MIN_KEYS: the Triton kernel
+    runs on the tiny DiT's self-attention; its window against cuDNN's."""
+    settings = RenderSettings(**{**SETTINGS.__dict__, "size": "832x480"})
+    assert 9 * (480 // 16) * (832 // 16) >= INT8FP8_MIN_KEYS
+    inputs = encoded(tiny, settings)
+    ours = windows(load_renderer_models(spec(tiny, "int8fp8")), inputs, settings, tmp_path / "int8fp8", count=1)
+    cudnn = windows(load_renderer_models(spec(tiny, "sdpa")), inputs, settings, tmp_path / "sdpa", count=1)
+    print(f"int8fp8 against sdpa, 1 window at 832x480: relative {rel(ours, cudnn):.2e}")
+    assert rel(ours, cudnn) < 5e-2
