@@ -214,6 +214,17 @@ def get_attention(name: str, device: torch.device | str | None = None) -> Attent
     return BACKENDS[name]
 
 
+def check_head_dim(fn: AttentionFn, head_dim: int) -> None:
+    """KernelUnavailable if the backend `fn` cannot take the model's head dim (the tiny model's 16, say),
+    so that a run stops at start-up instead of at its first window."""
+    if fn is int8fp8_attention:
+        from pipeline.kernels.attention_int8fp8 import HEAD_DIMS
+        if head_dim not in HEAD_DIMS:
+            raise KernelUnavailable(f"attention backend 'int8fp8' supports head dims {HEAD_DIMS}, the model has {head_dim}")
+    if fn is sage_attention and head_dim not in SAGE_HEAD_DIMS:
+        raise KernelUnavailable(f"attention backend 'sage' supports head dims {SAGE_HEAD_DIMS}, the model has {head_dim}")
+
+
 def describe(fn: AttentionFn) -> str:
     if fn is sdpa_attention:
         return f"sdpa (CUDA kernel pinned: {SDPA_CUDA_KERNEL}; fp32: {SDPA_FP32_KERNEL})"

@@ -54,6 +54,10 @@ BLOCK_N = 128
 NUM_WARPS = 4
 NUM_STAGES = 3
 
+# tl.arange needs a power of two; > 256 would overflow MAGIC_BITS; Hopper's int8 dot needs K >= 32 (on
+# an H200 a head dim of 16 fails to compile: "K >= 32"; Triton's interpreter on the CPU runs it anyway).
+HEAD_DIMS = (32, 64, 128, 256)
+
 
 # ---------------------------------------------------------------------------------------------- kernel
 
@@ -167,8 +171,8 @@ def _attention_core(q8: torch.Tensor, q_scale: torch.Tensor, k8: torch.Tensor, k
                     v8: torch.Tensor, v_scale: torch.Tensor, v_mean: torch.Tensor, key_len: int,
                     out_dtype: torch.dtype) -> torch.Tensor:
     batch, query_len, heads, head_dim = q8.shape
-    if head_dim not in (16, 32, 64, 128, 256):  # tl.arange needs a power of two; > 256 would overflow MAGIC_BITS
-        raise ValueError(f"int8fp8 attention supports head dims 16, 32, 64, 128 and 256, not {head_dim}")
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"int8fp8 attention supports head dims {', '.join(map(str, HEAD_DIMS))}, not {head_dim}")
     padded_key_len = k8.shape[2]
     if padded_key_len % BLOCK_N:
         raise ValueError(f"int8fp8 attention: keys padded to {padded_key_len}, not a multiple of BLOCK_N={BLOCK_N}")

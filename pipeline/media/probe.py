@@ -165,8 +165,13 @@ def _progress_frames(path: PathLike, stream_spec, what: str) -> int:
 
 
 def _count_packets(path: Path) -> int:
-    spec = ffmpeg.output(ffmpeg.input(_file_url(path))["V:0"], "-", format="null", c="copy")
-    return _progress_frames(path, spec, "counting video frames")
+    """The first video stream's packets (one per frame), one line each from the framecrc muxer. Not the
+    null muxer's -progress count: ffmpeg before 7.1 reports no frames for a stream copy."""
+    spec = ffmpeg.output(ffmpeg.input(_file_url(path))["V:0"], "-", format="framecrc", c="copy")
+    proc = _FFmpeg(_command(spec, "-nostats"), path, stdout=True)
+    report = proc.proc.stdout.read().decode("ascii", "replace")
+    proc.finish("counting video frames")
+    return sum(1 for line in report.splitlines() if line and not line.startswith("#"))
 
 
 def video_frame_count(path: PathLike, fps: float | None = FPS) -> int:

@@ -1,6 +1,6 @@
 """Speech features for InfiniteTalk: loudness normalisation and wav2vec2 features at the video frame rate.
 
-The audio arrives here already decoded: mono float samples at 16 kHz (decoding lives in pipeline/media.py).
+The audio arrives here already decoded: mono float samples at 16 kHz (decoding lives in pipeline/media/read.py).
 
     samples -> loudness_normalize (-23 LUFS) -> AudioEncoder.features -> [T_video, layers, hidden]
 
