@@ -62,8 +62,8 @@ class WindowReport:
     window: Window
     windows: int  # how many windows the job has
     timesteps: tuple[float, ...]
-    frames: torch.Tensor  # [T, 3, H, W] the window's decoded, colour-matched frames (all of them), on the CPU
     state: ResumeState
+    frames: torch.Tensor | None = None  # with keep_frames: [T, 3, H, W] all the decoded, colour-matched frames, on the CPU
 
 
 def window_seed(seed: int, window: int, stream: int) -> int:
@@ -222,9 +222,11 @@ def render_windows(
     settings: RenderSettings,
     workdir: str | Path,
     state: ResumeState | None = None,
+    keep_frames: bool = False,
 ) -> Iterator[WindowReport]:
     """Render the job's windows from `state.next_window` on, yielding a report after each; each
-    window's kept frames become a segment file in `workdir`."""
+    window's kept frames become a segment file in `workdir`. keep_frames: the report carries all the
+    window's frames too (a host copy, 0.5 GiB at 480p; the segment files hold what the video keeps)."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     plan = plan_for(inputs.num_frames, settings)
@@ -248,9 +250,8 @@ def render_windows(
             motion = models.vae.encode(frames[-settings.motion :].transpose(0, 1)[None])[0].cpu()
         state = ResumeState(window.index + 1, motion, [*state.segments, str(segment)])
         log.info("job %s: window %d/%d done (%d new frames)", job.id, window.index + 1, len(plan), len(keep))
-        # The decoded window (0.5 GiB at 480p) leaves the GPU before the next one samples.
-        report = WindowReport(window, len(plan), renderer.sampler.timesteps, frames.cpu(), state)
-        del frames, keep
+        report = WindowReport(window, len(plan), renderer.sampler.timesteps, state, frames.cpu() if keep_frames else None)
+        del frames, keep  # the decoded window (0.5 GiB at 480p) leaves the GPU before the next one samples
         yield report
 
 
@@ -262,10 +263,11 @@ def render_job(
     workdir: str | Path,
     state: ResumeState | None = None,
     on_window: Callable[[WindowReport], None] | None = None,
+    keep_frames: bool = False,
 ) -> ResumeState:
     """`render_windows` to the end; returns the final state (its segments are the whole video)."""
     state = state or ResumeState()
-    for report in render_windows(models, job, inputs, settings, workdir, state):
+    for report in render_windows(models, job, inputs, settings, workdir, state, keep_frames):
         state = report.state
         if on_window is not None:
             on_window(report)

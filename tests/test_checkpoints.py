@@ -49,7 +49,7 @@ def test_official_layout_on_disk(tiny):
 
 def test_all_components_load_and_the_dit_holds_the_file_tensors(tiny, tiny_dit_state):
     models = load_models(tiny, Precision(dit="fp32", t5="fp32", clip="fp32", vae="fp32"))
-    assert models.loaded() == list(Models.COMPONENTS)
+    assert all(getattr(models, name) is not None for name in Models.COMPONENTS)
     state = tiny_dit_state
     loaded = models.dit.state_dict()
     assert loaded.keys() == state.keys()

@@ -116,9 +116,10 @@ def _worker(rank: int, port: int, root: str, face: str, speech: str, out: str) -
             job = Job("sp", (speech,), image=face, seed=11)
             job_inputs = encode_job(models, job, SETTINGS)
             work = Path(out) / f"work-{rank}"
-            plain = [r.frames for r in render_windows(models, job, job_inputs, SETTINGS, work / "plain")]
+            plain = [r.frames for r in render_windows(models, job, job_inputs, SETTINGS, work / "plain", keep_frames=True)]
             sp = apply_sequence_parallel(dit)
-            parallel = [r.frames for r in render_windows(models, job, job_inputs, SETTINGS, work / "parallel")]
+            parallel = [r.frames for r in render_windows(models, job, job_inputs, SETTINGS, work / "parallel",
+                                                         keep_frames=True)]
             found["render"] = {
                 "windows": len(plain), "frames": list(plain[0].shape),
                 "rel_err": _rel(parallel[0], plain[0]), "max_abs": (parallel[0] - plain[0]).abs().max().item(),

@@ -82,8 +82,10 @@ def test_same_seed_same_frames_and_resume_is_identical(models, face, tmp_path):
     inputs = encode_job(models, job, FAST)
     assert len(plan_for(inputs.num_frames, FAST)) == 3
 
-    states = []
-    full = render_job(models, job, inputs, FAST, tmp_path / "full", on_window=lambda r: states.append(r.state))
+    reports = []
+    full = render_job(models, job, inputs, FAST, tmp_path / "full", on_window=reports.append)
+    states = [r.state for r in reports]
+    assert all(r.frames is None for r in reports)  # no host copy of the frames unless asked for
     again = render_job(models, job, inputs, FAST, tmp_path / "again")
     other = render_job(models, Job("a", (audio,), image=face, seed=8), inputs, FAST, tmp_path / "other")
     # resume after window 0 from the state a crash would have left (segment 0 copied over)
@@ -106,7 +108,7 @@ def test_motion_latents_are_the_encoding_of_the_last_colour_matched_frames(model
     reports, dit_inputs = [], []
     hook = models.dit.register_forward_pre_hook(lambda m, args: dit_inputs.append(args[0].clone()))
     try:
-        render_job(models, job, inputs, FAST, tmp_path / "work", on_window=reports.append)
+        render_job(models, job, inputs, FAST, tmp_path / "work", on_window=reports.append, keep_frames=True)
     finally:
         hook.remove()
 
@@ -180,7 +182,7 @@ def test_batched_guidance_equals_unbatched(models, face, tmp_path):
         settings = RenderSettings(window=33, motion=9, steps=2, size="64x64", batched_guidance=batched)
         reports = []
         inputs = encode_job(models, job, settings)
-        render_job(models, job, inputs, settings, tmp_path / str(batched), on_window=reports.append)
+        render_job(models, job, inputs, settings, tmp_path / str(batched), on_window=reports.append, keep_frames=True)
         out[batched] = reports[0].frames
     torch.testing.assert_close(out[True], out[False], rtol=1e-4, atol=1e-4)
 

@@ -521,9 +521,6 @@ class Models:
             raise ModelNotLoaded(f"the {name} model is not loaded; load it with load_models(..., components=[..., {name!r}])")
         return component
 
-    def loaded(self) -> list[str]:
-        return [n for n in self.COMPONENTS if self._components.get(n) is not None]
-
 
 def load_models(
     paths: CheckpointPaths,
