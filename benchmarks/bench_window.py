@@ -73,14 +73,14 @@ from hydra import compose, initialize_config_module  # noqa: E402
 from farm.config import memory_settings  # noqa: E402
 from pipeline.color import match_colors  # noqa: E402
 from pipeline.job import RenderSettings  # noqa: E402
+from pipeline.assemble import prepare_vae  # noqa: E402
 from pipeline.kernels import attention, fp8  # noqa: E402
 from pipeline.kernels.attention import apply_attention  # noqa: E402
 from pipeline.kernels.compile import compile_blocks, compile_problem  # noqa: E402
 from pipeline.kernels.offload import offload_blocks, offload_problem  # noqa: E402
-from pipeline.models.vae_layout import apply_vae_layout  # noqa: E402
 from pipeline.models.checkpoints import Models  # noqa: E402
 from pipeline.models.tiny import TINY_VAE  # noqa: E402
-from pipeline.models.vae import VAETiling, WanVAE, compile_vae, latent_frames  # noqa: E402
+from pipeline.models.vae import VAETiling, WanVAE, latent_frames  # noqa: E402
 from pipeline.parallel import apply_sequence_parallel  # noqa: E402
 from pipeline.render import JobInputs, WindowRenderer  # noqa: E402
 from pipeline.windows import Window, window_audio  # noqa: E402
@@ -319,13 +319,9 @@ class WindowBench:
         if "offload" in state:
             entry["offload"] = {"host_gib": state["offload"].host_bytes / GiB, "ahead": state["offload"].ahead,
                                 "setup_s": state.get("offload_s"), "h2d": state.get("h2d")}
-        if memory.vae_tiling is None and self.cuda:  # as the farm's renderers: the laid-out stream
-            vae = WanVAE(self.laid_out_vae_module(), None)
-            apply_vae_layout(vae)
-        else:
-            vae = WanVAE(self.vae_module, memory.vae_tiling)
-        if memory.compile:
-            compile_vae(vae)
+        laid_out = memory.vae_tiling is None and self.cuda  # prepare_vae lays it out: on a copy
+        vae = WanVAE(self.laid_out_vae_module() if laid_out else self.vae_module, memory.vae_tiling)
+        prepare_vae(vae, memory)  # as the renderers do (pipeline.assemble)
         renderer = WindowRenderer(Models(dit=model, vae=vae), self.inputs, self.settings, seed=0)
         if conditioning == "measure" or not hasattr(self, "conditioning"):
             self.together()

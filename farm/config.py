@@ -6,7 +6,12 @@ conf/*.yaml. They are registered in Hydra's ConfigStore and conf/config.yaml com
 so the composed config is in OmegaConf's struct mode: an unknown key or a wrong type fails while
 composing, naming the key. `validate` then checks the values (ranges, names the pipeline knows) with
 the pipeline's own validators, and the converters hand the driver the pipeline's dataclasses
-(RenderSettings, CheckpointPaths, Precision, MemorySettings), which is all an actor ever sees of the config.
+(RenderSettings, CheckpointPaths, and pipeline.assemble's ModelSpec), which is all an actor ever sees of the config.
+
+The CLI imports this module before Hydra has parsed the command line, so at the top it imports only
+light modules (no torch, no model code): `talkfarm --help` and a misspelt key answer at once. What
+validate and the converters need of the pipeline's heavier modules is imported in the function that
+uses it.
 """
 
 import contextlib
@@ -14,32 +19,39 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pipeline.color import METHODS
-from pipeline.job import RenderSettings
-from pipeline.kernels import fp8
-from pipeline.kernels.attention import BACKENDS as ATTENTION_BACKENDS
-from pipeline.kernels.attention import get_attention
-from pipeline.kernels.compile import check_compile
-from pipeline.kernels.offload import check_offload
-from pipeline.media import choose_size
-from pipeline.models.checkpoints import CheckpointPaths, Precision, parse_dtype
-from pipeline.models.tiny import write_tiny_checkpoints
-from pipeline.models.vae import SPATIAL_FACTOR, VAETiling
-from pipeline.sampler import SCHEDULERS, flow_sigmas
-from pipeline.windows import plan_windows
+from pipeline.job import RenderSettings, SettingError
+
+if TYPE_CHECKING:
+    from pipeline.models.checkpoints import CheckpointPaths, Precision
+    from pipeline.assemble import MemorySettings, ModelSpec
 
 DEVICES = ("auto", "cuda", "cpu")
-QUANT_MODES = ("none", *fp8.MODES)  # the options of conf/quant/
 CLUSTER_MODES = ("local", "address")
-CRF_RANGE = (0, 51)  # libx264 with 8-bit output
+
+# RenderSettings field -> the config key that sets it: render_settings reads these keys, and validate
+# names the key of the field that RenderSettings refuses.
+SETTINGS_KEYS = {
+    "window": "window.frames",
+    "motion": "window.motion",
+    "scheduler": "sampler.scheduler",
+    "steps": "sampler.steps",
+    "shift": "sampler.shift",
+    "text_scale": "sampler.text_scale",
+    "audio_scale": "sampler.audio_scale",
+    "apg": "sampler.apg",
+    "batched_guidance": "sampler.batched_guidance",
+    "color_match": "output.color_match",
+    "color_strength": "output.color_strength",
+    "size": "output.size",
+    "crf": "output.crf",
+}
 
 
 class ConfigError(ValueError):
@@ -92,7 +104,7 @@ class InfiniteTalk14B(ModelConfig):
 
 @dataclass
 class QuantConfig:
-    mode: str  # one of QUANT_MODES
+    mode: str  # none, or a mode of pipeline.kernels.fp8.MODES
 
 
 @dataclass
@@ -179,7 +191,7 @@ class OutputConfig:
     size: str  # a bucket name of pipeline.media.BUCKETS or WIDTHxHEIGHT
     color_match: str  # pipeline.color.METHODS
     color_strength: float  # 0 off, 1 fully matched
-    crf: int  # H.264 quality, CRF_RANGE
+    crf: int  # H.264 quality, pipeline.job.CRF_RANGE
 
 
 @dataclass
@@ -211,7 +223,9 @@ _store.store(name="infinitetalk_14b_model", node=InfiniteTalk14B)
 
 
 def validate(cfg: DictConfig) -> None:
-    """Raise ConfigError naming the first key whose value cannot run. Reads no file, loads nothing."""
+    """Raise ConfigError naming the first key whose value cannot run. Reads no file, loads nothing.
+    The values first; then the checks that need the model code (dtypes, attention heads) and, with
+    cluster=local, this machine's kernels: those import torch's and the pipeline's heavier modules."""
     try:  # every value set, every interpolation resolvable
         OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as exc:
@@ -238,46 +252,44 @@ def validate(cfg: DictConfig) -> None:
         if cluster[key] is not None and cluster[key] < minimum:
             raise ConfigError(f"cluster.{key}: {cluster[key]} is less than {minimum}")
 
-    model = cfg.model
-    _one_of("model.device", model.device, DEVICES)
+    from pipeline.kernels.attention import BACKENDS as ATTENTION_BACKENDS
+    from pipeline.kernels.fp8 import MODES as FP8_MODES
+
+    _one_of("model.device", cfg.model.device, DEVICES)
+    _one_of("quant.mode", cfg.quant.mode, ("none", *FP8_MODES))  # the options of conf/quant/
+    if cluster.mode != "local":  # with cluster=local, _check_this_machine asks the backend itself
+        _one_of("attention.backend", cfg.attention.backend, [*ATTENTION_BACKENDS, "auto"])
+    _check_memory(cfg)
+    try:
+        render_settings(cfg)
+    except SettingError as exc:
+        raise ConfigError(f"{SETTINGS_KEYS[exc.field]}: {exc.problem}") from None
+
+    from pipeline.models.checkpoints import parse_dtype
+    from pipeline.parallel import check_sp_degree
+
     for component in ("dit", "t5", "clip", "vae"):
         with _naming(f"model.precision.{component}"):
-            parse_dtype(model.precision[component], component)
-    _one_of("quant.mode", cfg.quant.mode, QUANT_MODES)
+            parse_dtype(cfg.model.precision[component], component)
+    with _naming("cluster.sp_degree"):
+        check_sp_degree(_attention_heads(cfg.model), cluster.sp_degree)
     # Actors check their device's kernels again when they load. With cluster=local their device is
     # this machine's, so check it now; a cluster's driver may have no GPU, so there only names.
     if cluster.mode == "local":
-        if model.device == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("model.device: cuda, but this machine has no CUDA GPU (cluster=local)")
-        with _naming("attention.backend"):
-            get_attention(cfg.attention.backend, None if model.device == "auto" else model.device)
-        if cfg.quant.mode != "none":
-            with _naming("quant.mode"):
-                fp8.check_mode(cfg.quant.mode, "cuda" if model.device != "cpu" and torch.cuda.is_available() else "cpu")
-    else:
-        _one_of("attention.backend", cfg.attention.backend, [*ATTENTION_BACKENDS, "auto"])
-    _check_memory(cfg)
+        _check_this_machine(cfg)
 
-    # The pipeline checks a field in the company of others; vary one field at a time, the rest fixed
-    # at values that always pass, so that an error names the field it is about.
-    sampler = cfg.sampler
-    _one_of("sampler.scheduler", sampler.scheduler, SCHEDULERS)
-    with _naming("sampler.steps"):
-        flow_sigmas(sampler.scheduler, sampler.steps, shift=1.0)
-    with _naming("sampler.shift"):
-        flow_sigmas(sampler.scheduler, sampler.steps, sampler.shift)
-    with _naming("window.frames"):
-        plan_windows(1, cfg.window.frames, motion=1)
-    with _naming("window.motion"):
-        plan_windows(1, cfg.window.frames, cfg.window.motion)
 
-    output = cfg.output
-    with _naming("output.size"):
-        choose_size(1, 1, output.size)  # any source size: this checks the target
-    _one_of("output.color_match", output.color_match, METHODS)
-    low, high = CRF_RANGE
-    if not low <= output.crf <= high:
-        raise ConfigError(f"output.crf: {output.crf} is not in [{low}, {high}]")
+def _attention_heads(model: DictConfig) -> int:
+    """The DiT's attention heads, known without reading a weight file: model=tiny's from its config
+    (pipeline.models.tiny); model=infinitetalk_14b is Wan2.1-I2V-14B, whose official config.json says
+    num_heads 40, as pipeline.models.dit.DiTConfig's defaults (the 14B's) do."""
+    if issubclass(OmegaConf.get_type(model), TinyModel):
+        from pipeline.models.tiny import TINY_WAN_CONFIG
+
+        return TINY_WAN_CONFIG["num_heads"]
+    from pipeline.models.dit import DiTConfig
+
+    return DiTConfig().num_heads
 
 
 def _check_memory(cfg: DictConfig) -> None:
@@ -290,6 +302,8 @@ def _check_memory(cfg: DictConfig) -> None:
         raise ConfigError("memory.offload: block offload streams weights to a GPU, and model.device is cpu")
     tiling = memory.vae_tiling
     if tiling is not None:
+        from pipeline.models.vae import SPATIAL_FACTOR
+
         for axis in ("height", "width"):
             tile, stride = tiling[f"tile_{axis}"], tiling[f"stride_{axis}"]
             for key, value in ((f"tile_{axis}", tile), (f"stride_{axis}", stride)):
@@ -298,15 +312,32 @@ def _check_memory(cfg: DictConfig) -> None:
                                       f"{SPATIAL_FACTOR}")
             if stride > tile:
                 raise ConfigError(f"memory.vae_tiling.stride_{axis}: {stride} is larger than tile_{axis} {tile}")
-    # As for the kernels above: with cluster=local the actors run here, so check this machine now.
-    if cfg.cluster.mode == "local":
-        device = "cuda" if cfg.model.device != "cpu" and torch.cuda.is_available() else "cpu"
-        if memory.offload:
-            with _naming("memory.offload"):
-                check_offload(device)
-        if memory.compile:
-            with _naming("memory.compile"):
-                check_compile(device)
+
+
+def _check_this_machine(cfg: DictConfig) -> None:
+    """cluster=local: the model's device, its kernels and memory measures, as the actors here will ask."""
+    import torch
+
+    from pipeline.kernels import fp8
+    from pipeline.kernels.attention import get_attention
+    from pipeline.kernels.compile import check_compile
+    from pipeline.kernels.offload import check_offload
+
+    model, memory = cfg.model, cfg.memory
+    if model.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("model.device: cuda, but this machine has no CUDA GPU (cluster=local)")
+    device = "cuda" if model.device != "cpu" and torch.cuda.is_available() else "cpu"
+    with _naming("attention.backend"):
+        get_attention(cfg.attention.backend, None if model.device == "auto" else model.device)
+    if cfg.quant.mode != "none":
+        with _naming("quant.mode"):
+            fp8.check_mode(cfg.quant.mode, device)
+    if memory.offload:
+        with _naming("memory.offload"):
+            check_offload(device)
+    if memory.compile:
+        with _naming("memory.compile"):
+            check_compile(device)
 
 
 def _check_keys(node: DictConfig, prefix: str = "") -> None:
@@ -340,29 +371,20 @@ def _naming(key: str) -> Iterator[None]:
 
 
 def render_settings(cfg: DictConfig) -> RenderSettings:
-    sampler, window, output = cfg.sampler, cfg.window, cfg.output
-    return RenderSettings(
-        window=window.frames,
-        motion=window.motion,
-        scheduler=sampler.scheduler,
-        steps=sampler.steps,
-        shift=sampler.shift,
-        text_scale=sampler.text_scale,
-        audio_scale=sampler.audio_scale,
-        apg=sampler.apg,
-        batched_guidance=sampler.batched_guidance,
-        color_match=output.color_match,
-        color_strength=output.color_strength,
-        size=output.size,
-        crf=output.crf,
-    )
+    """The run's RenderSettings; raises SettingError (a JobError) naming the field it refuses."""
+    return RenderSettings(**{field: OmegaConf.select(cfg, key) for field, key in SETTINGS_KEYS.items()})
 
 
-def checkpoint_paths(cfg: DictConfig) -> CheckpointPaths:
-    """Where the weights are. model=tiny writes the tiny set first if it is not there yet."""
+def checkpoint_paths(cfg: DictConfig) -> "CheckpointPaths":
+    """Where the weights are; reads and writes nothing. model=tiny: where the actors write the tiny
+    set on first use, where they run, since the nodes of a cluster need not share the driver's disk."""
     model = cfg.model
     if issubclass(OmegaConf.get_type(model), TinyModel):
-        return write_tiny_checkpoints(_local(model.dir))
+        from pipeline.models.tiny import tiny_checkpoint_paths
+
+        return tiny_checkpoint_paths(_local(model.dir))
+    from pipeline.models.checkpoints import CheckpointPaths
+
     return CheckpointPaths(
         wan_dir=_local(model.wan_dir),
         infinitetalk=_local(model.infinitetalk),
@@ -374,23 +396,17 @@ def checkpoint_paths(cfg: DictConfig) -> CheckpointPaths:
     )
 
 
-def precision(cfg: DictConfig) -> Precision:
+def precision(cfg: DictConfig) -> "Precision":
+    from pipeline.models.checkpoints import Precision
+
     p = cfg.model.precision
     return Precision(dit=p.dit, t5=p.t5, clip=p.clip, vae=p.vae)
 
 
-@dataclass(frozen=True)
-class MemorySettings:
-    """memory= as the actors apply it when they load (farm/actors.py): the defaults are no measures."""
+def memory_settings(cfg: DictConfig) -> "MemorySettings":
+    from pipeline.assemble import MemorySettings
+    from pipeline.models.vae import VAETiling
 
-    compile: bool = False  # pipeline.kernels.compile.compile_blocks on the DiT
-    offload: bool = False  # pipeline.kernels.offload.offload_blocks on the DiT ...
-    offload_ahead: int = 2  # ... with this many blocks in flight ahead
-    vae_tiling: VAETiling | None = None  # load_models(vae_tiling=...)
-    encoder_device: str | None = None  # the Encoder actor's device (T5, CLIP, wav2vec2); None: the model's
-
-
-def memory_settings(cfg: DictConfig) -> MemorySettings:
     memory = cfg.memory
     tiling = memory.vae_tiling
     return MemorySettings(
@@ -400,6 +416,14 @@ def memory_settings(cfg: DictConfig) -> MemorySettings:
         vae_tiling=None if tiling is None else VAETiling(**tiling),
         encoder_device=memory.encoder_device,
     )
+
+
+def model_spec(cfg: DictConfig) -> "ModelSpec":
+    """How the renderers build their models (pipeline.assemble); quant.mode none is the pipeline's None."""
+    from pipeline.assemble import ModelSpec
+
+    quant = None if cfg.quant.mode == "none" else cfg.quant.mode
+    return ModelSpec(precision(cfg), cfg.attention.backend, quant, memory_settings(cfg))
 
 
 def run_root(cfg: DictConfig) -> str:

@@ -51,9 +51,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from pipeline import media
-from pipeline.color import METHODS
-from pipeline.job import Box, Job, JobError, RenderSettings
-from pipeline.sampler import flow_sigmas
+from pipeline.job import Box, Job, JobError, RenderSettings, SettingError
 
 
 class ManifestError(ValueError):
@@ -295,18 +293,21 @@ COLUMNS = ("id", *_SOURCES, *_AUDIO, "audio_type", "boxes", "prompt", "negative_
 
 
 def _settings_problems(base: RenderSettings, overrides: dict) -> list[str]:
-    """What the pipeline's own checks say about the run's settings with these overrides; only the groups
-    that the row touches are checked, so that a problem of the run's settings is not blamed on a row."""
-    settings = dataclasses.replace(base, **overrides)
-    problems = []
-    if overrides.keys() & {"scheduler", "steps", "shift"}:
+    """What RenderSettings says of the run's settings with these overrides, each problem naming the column.
+    `base` is valid (it checked itself), so a refusal is the row's doing: a refused column is set aside
+    and the rest tried again, so that every bad override is reported; a field the row does not set is
+    refused in the company of its columns (scheduler=flowmatch_distill with the run's 40 steps)."""
+    problems, rest = [], dict(overrides)
+    while True:
         try:
-            flow_sigmas(settings.scheduler, settings.steps, settings.shift)
-        except ValueError as e:
+            dataclasses.replace(base, **rest)
+            return problems
+        except SettingError as e:
+            if e.field not in rest:
+                problems.append(f"{', '.join(rest)}: {e.problem} (the run's {e.field})")
+                return problems
             problems.append(str(e))
-    if "color_match" in overrides and settings.color_match not in METHODS:
-        problems.append(f"color_match: {settings.color_match!r} is not one of {', '.join(METHODS)}")
-    return problems
+            del rest[e.field]
 
 
 # --------------------------------------------------------------------------------------------------------

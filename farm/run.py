@@ -11,8 +11,8 @@ import ray
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from farm.actors import ModelSpec
-from farm.config import TinyModel, checkpoint_paths, memory_settings, precision, render_settings, run_root
+from farm.actors import ActorSpec
+from farm.config import TinyModel, checkpoint_paths, model_spec, render_settings, run_root
 from farm.manifest import read_manifest, settings_for, single_job
 from farm.progress import Progress
 from farm.scheduler import Resources, RunStopped, Scheduler
@@ -60,7 +60,7 @@ def run(cfg: DictConfig) -> int:
             local = cfg.cluster.mode == "local"
             ray.init(address=None if local else cfg.cluster.address, **_local_resources(cfg) if local else {},
                      include_dashboard=False, logging_level=logging.WARNING)
-        scheduler = Scheduler(_model_spec(cfg), store.url, _resources(cfg), progress, record)
+        scheduler = Scheduler(_actor_spec(cfg), store.url, _resources(cfg), progress, record)
         try:
             scheduler.start()
             scheduler.run(todo)
@@ -96,7 +96,7 @@ def _local_resources(cfg) -> dict:
     return {"num_cpus": max(os.cpu_count() or 1, renderers + cfg.cluster.encoders + 2)}
 
 
-def _model_spec(cfg) -> ModelSpec:
+def _actor_spec(cfg) -> ActorSpec:
     gpus = _gpus()
     device = "cuda" if (cfg.model.device == "cuda" or (cfg.model.device == "auto" and gpus)) else "cpu"
     if device == "cuda" and not gpus:
@@ -104,10 +104,7 @@ def _model_spec(cfg) -> ModelSpec:
     actors = (cfg.cluster.renderers or gpus or CPU_RENDERERS) * cfg.cluster.sp_degree + cfg.cluster.encoders
     threads = None if device == "cuda" else max(1, (os.cpu_count() or 1) // actors)
     tiny = issubclass(OmegaConf.get_type(cfg.model), TinyModel)
-    return ModelSpec(
-        checkpoint_paths(cfg), precision(cfg), device, cfg.attention.backend, cfg.quant.mode, threads, tiny,
-        memory_settings(cfg),
-    )
+    return ActorSpec(checkpoint_paths(cfg), model_spec(cfg), device, threads, tiny)
 
 
 def _resources(cfg) -> Resources:

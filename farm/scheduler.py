@@ -27,7 +27,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from farm.actors import Encoder, ModelSpec, Renderer, finish
+from farm.actors import ActorSpec, Encoder, Renderer, finish
 from farm.errors import WorkerError
 from farm.manifest import ManifestRow
 from farm.progress import Progress
@@ -69,179 +69,227 @@ class Task:
         return self.row.job.id
 
 
+class RendererGroup:
+    """One renderer: one actor, or `size` actors packed on one node (STRICT_PACK placement) that meet
+    through a file in that node's /tmp and split each forward (pipeline.parallel). Rank 0 stores and
+    reports; the other ranks compute along."""
+
+    def __init__(self, name: str, size: int, spec: ActorSpec, run_root: str, resources: dict):
+        self.name, self.failures = name, 0  # failures: jobs failed in a row
+        options = {"num_cpus": resources["CPU"], "num_gpus": resources.get("GPU", 0)}
+        self.placement = None
+        if size == 1:
+            self.actors = [Renderer.options(name=name, **options).remote(spec, run_root, name)]
+            return
+        self.placement = placement_group([dict(resources)] * size, strategy="STRICT_PACK")
+        rendezvous = f"file:///tmp/talkfarm-{uuid.uuid4().hex}"
+        self.actors = [
+            Renderer.options(
+                name=name if rank == 0 else f"{name}-rank{rank}", **options,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=rank),
+            ).remote(spec, run_root, name, rank, size, rendezvous)
+            for rank in range(size)
+        ]
+
+    @property
+    def size(self) -> int:
+        return len(self.actors)
+
+    def render(self, task: Task) -> tuple[object, list]:
+        """Start the task on every member: (rank 0's generator of window events, the others')."""
+        leader, *others = (
+            actor.render.remote(task.row.job, task.inputs, task.settings, task.attempts + 1) for actor in self.actors
+        )
+        return leader, others
+
+    def kill(self) -> None:
+        for actor in self.actors:
+            ray.kill(actor, no_restart=True)
+        if self.placement is not None:
+            remove_placement_group(self.placement)
+
+
 @dataclass
 class Scheduler:
-    spec: ModelSpec
+    """The state of a run between events; each `_on_*` method handles one kind of event."""
+
+    spec: ActorSpec
     run_root: str
     resources: Resources
     progress: Progress
     on_result: Callable[[dict], None]  # called with each finished or failed row
     encoders: list = field(default_factory=list)
-    renderers: dict = field(default_factory=dict)  # name -> the actors of the renderer, rank 0 first
-    placement: dict = field(default_factory=dict)  # name -> placement group (renderers of several GPUs)
-    failures: dict = field(default_factory=dict)  # renderer name -> consecutive failures
+    groups: list[RendererGroup] = field(default_factory=list)  # every live renderer
+    idle: list[RendererGroup] = field(default_factory=list)  # renderers without a job
+    to_encode: deque = field(default_factory=deque)
+    encoding: dict = field(default_factory=dict)  # meta ref -> (task, encoder slot)
+    ready: list[Task] = field(default_factory=list)  # encoded, waiting for a renderer
+    rendering: dict = field(default_factory=dict)  # rank 0's generator -> (task, its group)
+    followers: dict = field(default_factory=dict)  # the other ranks' generators -> their group
+    finishing: dict = field(default_factory=dict)  # finish task ref -> task
     _spawned: int = 0
 
     def start(self) -> None:
-        self.encoders = [Encoder.options(**self.resources.encoder).remote(self.spec) for _ in range(self.resources.encoders)]
+        self.encoders = [self._encoder() for _ in range(self.resources.encoders)]
         for size in self.resources.group_sizes:
-            self._spawn_renderer(size)
+            self.idle.append(self._spawn(size))
 
     def stop(self) -> None:
-        for name in list(self.renderers):
-            self._kill(name)
+        for group in self.groups:
+            group.kill()
         for actor in self.encoders:
             ray.kill(actor, no_restart=True)
-        self.encoders = []
+        self.groups, self.idle, self.encoders = [], [], []
 
-    def _spawn_renderer(self, size: int) -> str:
-        """A renderer of `size` GPUs: one actor, or a group packed on one node (STRICT_PACK) that meets
-        through a file in that node's /tmp and splits each forward (pipeline.parallel)."""
-        name = f"renderer-{self._spawned}"
+    def _encoder(self):
+        return Encoder.options(**self.resources.encoder).remote(self.spec)
+
+    def _spawn(self, size: int) -> RendererGroup:
+        group = RendererGroup(f"renderer-{self._spawned}", size, self.spec, self.run_root, self.resources.renderer)
         self._spawned += 1
-        if size == 1:
-            self.renderers[name] = [Renderer.options(name=name, **self._renderer_options()).remote(self.spec, self.run_root, name)]
-        else:
-            group = placement_group([dict(self.resources.renderer)] * size, strategy="STRICT_PACK")
-            rendezvous = f"file:///tmp/talkfarm-{uuid.uuid4().hex}"
-            self.placement[name] = group
-            self.renderers[name] = [
-                Renderer.options(
-                    name=name if rank == 0 else f"{name}-rank{rank}", **self._renderer_options(),
-                    scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank),
-                ).remote(self.spec, self.run_root, name, rank, size, rendezvous)
-                for rank in range(size)
-            ]
-        self.failures[name] = 0
-        return name
+        self.groups.append(group)
+        return group
 
-    def _renderer_options(self) -> dict:
-        return {"num_cpus": self.resources.renderer["CPU"], "num_gpus": self.resources.renderer.get("GPU", 0)}
+    def _replace(self, group: RendererGroup, reason: str) -> RendererGroup:
+        """Kill `group` and put a new one of its size among the idle renderers in its place."""
+        log.warning("replacing %s: %s", group.name, reason)
+        group.kill()
+        self.groups.remove(group)
+        if group in self.idle:
+            self.idle.remove(group)
+        self._drop_followers(group)
+        new = self._spawn(group.size)
+        self.idle.append(new)
+        return new
 
-    def _kill(self, name: str) -> None:
-        for actor in self.renderers.pop(name):
-            ray.kill(actor, no_restart=True)
-        if name in self.placement:
-            remove_placement_group(self.placement.pop(name))
-        self.failures.pop(name, None)
+    def _drop_followers(self, group: RendererGroup) -> None:
+        for gen in [g for g, owner in self.followers.items() if owner is group]:
+            self.followers.pop(gen)
 
-    def _replace(self, name: str, reason: str) -> str:
-        log.warning("replacing %s: %s", name, reason)
-        size = len(self.renderers[name])
-        self._kill(name)
-        return self._spawn_renderer(size)
+    # ------------------------------------------------------------------------------------------ the loop
 
     def run(self, rows: list[tuple[ManifestRow, RenderSettings]]) -> None:
-        to_encode = deque(Task(row, settings) for row, settings in rows)
-        encoding: dict = {}  # meta ref -> (task, encoder slot)
-        ready: list[Task] = []  # encoded, waiting for a renderer, longest first
-        rendering: dict = {}  # rank 0's generator -> (task, renderer name)
-        followers: dict = {}  # the other ranks' generators of a group -> renderer name
-        finishing: dict = {}  # ref -> task
-        idle = list(self.renderers)
+        self.to_encode.extend(Task(row, settings) for row, settings in rows)
         self.progress.start(len(rows))
-
-        def fail_or_retry(task: Task, error: BaseException, context: str = "", worker: str = "a worker") -> None:
-            cause = error.cause if isinstance(error, RayTaskError) else error
-            task.attempts += 1
-            if isinstance(cause, WorkerError):
-                if cause.startup:
-                    raise RunStopped(f"{worker} could not load its models: {cause.reason}")
-                log.error("job %s, attempt %d:\n%s", task.id, task.attempts, cause.traceback_text.rstrip())
-            retryable = cause.retryable if isinstance(cause, WorkerError) else True  # Ray's own: a lost actor or object
-            if not retryable or task.attempts > self.resources.max_retries:
-                reason = cause.reason if isinstance(cause, WorkerError) else _first_line(cause)
-                reason = f"{context}: {reason}" if context else reason
-                self.progress.job_failed(task.id, reason)
-                self.on_result(self._row(task, "failed", error=reason))
-            else:
-                log.warning("job %s: attempt %d failed (%s); retrying", task.id, task.attempts, type(cause).__name__)
-                to_encode.appendleft(task) if task.inputs is None else ready.insert(0, task)
-
-        while to_encode or encoding or ready or rendering or followers or finishing:
-            while to_encode and len(encoding) + len(ready) < self.resources.max_in_flight:
-                task = to_encode.popleft()
-                slot = len(encoding) % len(self.encoders)
-                meta, task.inputs = self.encoders[slot].encode.remote(task.row.job, task.settings)
-                encoding[meta] = (task, slot)
-            ready.sort(key=lambda t: -t.meta["frames"])
-            while idle and ready:
-                task, name = ready.pop(0), idle.pop(0)
-                task.actor, task.started = name, task.started or time.time()
-                leader, *others = (
-                    member.render.remote(task.row.job, task.inputs, task.settings, task.attempts + 1)
-                    for member in self.renderers[name]
-                )
-                rendering[leader] = (task, name)
-                followers |= {gen: name for gen in others}
-
-            def drop_followers(name: str) -> None:
-                for gen in [g for g, n in followers.items() if n == name]:
-                    followers.pop(gen)
-
-            done, _ = ray.wait([*encoding, *rendering, *followers, *finishing], num_returns=1, timeout=1.0)
+        while self.to_encode or self.encoding or self.ready or self.rendering or self.followers or self.finishing:
+            self._dispatch()
+            waiting = [*self.encoding, *self.rendering, *self.followers, *self.finishing]
+            done, _ = ray.wait(waiting, num_returns=1, timeout=1.0)
             for ref in done:
-                if ref in encoding:
-                    task, slot = encoding.pop(ref)
-                    try:
-                        task.meta = ray.get(ref)
-                        ready.append(task)
-                    except Exception as error:  # noqa: BLE001 - every failure becomes the row's reason
-                        context = ""
-                        if isinstance(error, RayActorError):
-                            log.warning("replacing encoder %d: it died while encoding %s", slot, task.id)
-                            self.encoders[slot] = Encoder.options(**self.resources.encoder).remote(self.spec)
-                            context = f"encoder {slot} died"
-                        task.inputs = None
-                        fail_or_retry(task, error, context, worker=f"encoder {slot}")
-                elif ref in followers:
-                    name = followers.pop(ref)
-                    try:
-                        ray.get(next(ref))  # followers yield nothing: StopIteration once their job is done
-                    except StopIteration:
-                        continue
-                    except Exception as error:  # noqa: BLE001 - a member died: the whole group goes
-                        leader = next((g for g, (_, n) in rendering.items() if n == name), None)
-                        drop_followers(name)
-                        idle.append(self._replace(name, "a member of its group died"))
-                        if leader is not None:
-                            task, _ = rendering.pop(leader)
-                            fail_or_retry(task, error, f"{name} lost a group member after window {task.windows_done}", name)
-                elif ref in rendering:
-                    task, name = rendering[ref]
-                    try:
-                        event = ray.get(next(ref))
-                        task.windows_done = event["window"]
-                        self.progress.window(task.id, event["window"], event["windows"])
-                        continue
-                    except StopIteration:
-                        rendering.pop(ref)
-                        self.failures[name] = 0
-                        idle.append(name)
-                        finishing[finish.remote(task.row.job, task.inputs, task.row.output, self.run_root)] = task
-                    except RayActorError as error:
-                        rendering.pop(ref)
-                        drop_followers(name)
-                        idle.append(self._replace(name, f"it died while rendering {task.id}"))
-                        fail_or_retry(task, error, f"{name} died after window {task.windows_done}")
-                    except Exception as error:  # noqa: BLE001
-                        rendering.pop(ref)
-                        drop_followers(name)
-                        self.failures[name] += 1
-                        if self.failures[name] >= self.resources.actor_failure_limit or len(self.renderers[name]) > 1:
-                            # a group's other members may be stuck in a collective: replace it whole
-                            name = self._replace(name, f"{self.failures[name]} jobs failed in a row")
-                        idle.append(name)
-                        fail_or_retry(task, error, worker=name)
+                if ref in self.encoding:
+                    self._on_encoded(ref)
+                elif ref in self.followers:
+                    self._on_follower(ref)
+                elif ref in self.rendering:
+                    self._on_window(ref)
                 else:
-                    task = finishing.pop(ref)
-                    try:
-                        result = ray.get(ref)
-                    except Exception as error:  # noqa: BLE001
-                        fail_or_retry(task, error)
-                        continue
-                    self.progress.job_done(task.id)
-                    self.on_result(self._row(task, "done", **result))
+                    self._on_finished(ref)
+
+    def _dispatch(self) -> None:
+        """Encode ahead (up to max_in_flight jobs encoded or encoding) and give idle renderers the
+        longest encoded jobs."""
+        while self.to_encode and len(self.encoding) + len(self.ready) < self.resources.max_in_flight:
+            task = self.to_encode.popleft()
+            slot = len(self.encoding) % len(self.encoders)
+            meta, task.inputs = self.encoders[slot].encode.remote(task.row.job, task.settings)
+            self.encoding[meta] = (task, slot)
+        self.ready.sort(key=lambda t: -t.meta["frames"])
+        while self.idle and self.ready:
+            task, group = self.ready.pop(0), self.idle.pop(0)
+            task.actor, task.started = group.name, task.started or time.time()
+            leader, others = group.render(task)
+            self.rendering[leader] = (task, group)
+            self.followers |= {gen: group for gen in others}
+
+    def _on_encoded(self, ref) -> None:
+        task, slot = self.encoding.pop(ref)
+        try:
+            task.meta = ray.get(ref)
+        except Exception as error:  # noqa: BLE001 - every failure becomes the row's reason
+            context = ""
+            if isinstance(error, RayActorError):
+                log.warning("replacing encoder %d: it died while encoding %s", slot, task.id)
+                self.encoders[slot] = self._encoder()
+                context = f"encoder {slot} died"
+            task.inputs = None
+            self._fail_or_retry(task, error, context, worker=f"encoder {slot}")
+            return
+        self.ready.append(task)
+
+    def _on_window(self, ref) -> None:
+        """Rank 0 of a renderer finished a window, or its job, or failed."""
+        task, group = self.rendering[ref]
+        try:
+            event = ray.get(next(ref))
+        except StopIteration:
+            self.rendering.pop(ref)
+            group.failures = 0
+            self.idle.append(group)
+            self.finishing[finish.remote(task.row.job, task.inputs, task.row.output, self.run_root)] = task
+            return
+        except RayActorError as error:
+            self.rendering.pop(ref)
+            self._replace(group, f"it died while rendering {task.id}")
+            self._fail_or_retry(task, error, f"{group.name} died after window {task.windows_done}")
+            return
+        except Exception as error:  # noqa: BLE001
+            self.rendering.pop(ref)
+            group.failures += 1
+            self._drop_followers(group)
+            if group.failures >= self.resources.actor_failure_limit or group.size > 1:
+                # a group's other members may be stuck in a collective: replace it whole
+                self._replace(group, f"{group.failures} jobs failed in a row")
+            else:
+                self.idle.append(group)
+            self._fail_or_retry(task, error, worker=group.name)
+            return
+        task.windows_done = event["window"]
+        self.progress.window(task.id, event["window"], event["windows"])
+
+    def _on_follower(self, ref) -> None:
+        """A rank > 0 of a group ended its job (they yield nothing), or failed: the whole group goes,
+        whether its leader is still rendering or has finished."""
+        group = self.followers.pop(ref)
+        try:
+            ray.get(next(ref))
+            return  # not reached: followers yield no events
+        except StopIteration:
+            return
+        except Exception as error:  # noqa: BLE001
+            leader = next((gen for gen, (_, owner) in self.rendering.items() if owner is group), None)
+            self._replace(group, "a member of its group died")
+            if leader is not None:
+                task, _ = self.rendering.pop(leader)
+                self._fail_or_retry(task, error, f"{group.name} lost a group member after window {task.windows_done}",
+                                    group.name)
+
+    def _on_finished(self, ref) -> None:
+        task = self.finishing.pop(ref)
+        try:
+            result = ray.get(ref)
+        except Exception as error:  # noqa: BLE001
+            self._fail_or_retry(task, error)
+            return
+        self.progress.job_done(task.id)
+        self.on_result(self._row(task, "done", **result))
+
+    def _fail_or_retry(self, task: Task, error: BaseException, context: str = "", worker: str = "a worker") -> None:
+        """Fail the row (with a one-line reason) or queue it again, as the error allows."""
+        cause = error.cause if isinstance(error, RayTaskError) else error
+        task.attempts += 1
+        if isinstance(cause, WorkerError):
+            if cause.startup:
+                raise RunStopped(f"{worker} could not load its models: {cause.reason}")
+            log.error("job %s, attempt %d:\n%s", task.id, task.attempts, cause.traceback_text.rstrip())
+        retryable = cause.retryable if isinstance(cause, WorkerError) else True  # Ray's own: a lost actor or object
+        if not retryable or task.attempts > self.resources.max_retries:
+            reason = cause.reason if isinstance(cause, WorkerError) else _first_line(cause)
+            reason = f"{context}: {reason}" if context else reason
+            self.progress.job_failed(task.id, reason)
+            self.on_result(self._row(task, "failed", error=reason))
+        else:
+            log.warning("job %s: attempt %d failed (%s); retrying", task.id, task.attempts, type(cause).__name__)
+            self.to_encode.appendleft(task) if task.inputs is None else self.ready.insert(0, task)
 
     def _row(self, task: Task, status: str, **fields) -> dict:
         meta = task.meta or {}

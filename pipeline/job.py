@@ -5,6 +5,9 @@ are shared by the jobs of a run, with a few per-job overrides (steps, colour mat
 checked before anything loads: a bad value raises a one-line error naming the field.
 """
 
+import contextlib
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 # The official default negative prompt (wan/configs/wan_multitalk_14B.py).
@@ -15,10 +18,23 @@ DEFAULT_NEGATIVE_PROMPT = (
     "background, three legs, many people in the background, walking backwards"
 )
 AUDIO_TYPES = ("para", "add")
+CRF_RANGE = (0, 51)  # libx264 with 8-bit output
 
 
 class JobError(ValueError):
     """A job or setting that cannot be rendered; the message names the field and the problem."""
+
+
+class SettingError(JobError):
+    """A RenderSettings field that cannot be rendered: `<field>: <problem>`. The field and the problem
+    are kept apart, so that the config and the manifest can name their own key or column instead."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field}: {problem}")
+        self.field, self.problem = field, problem
+
+    def __reduce__(self):  # pickled as it was made (Ray sends exceptions between processes)
+        return type(self), (self.field, self.problem)
 
 
 @dataclass(frozen=True)
@@ -92,3 +108,61 @@ class RenderSettings:
     color_strength: float = 1.0
     size: str = "480p"  # output size bucket, by the reference image's aspect ratio
     crf: int = 18  # H.264 quality of the output
+
+    def __post_init__(self):
+        """Check every field with the pipeline's own validators, in field order; the first bad one raises
+        SettingError. A field is checked in the company of the fields before it (steps against the
+        scheduler, motion against the window), which are valid by then."""
+        # Imported here: these modules import torch, and the CLI imports this one before it has parsed
+        # its arguments (farm/config.py). pipeline.media loads only its light sizes module for this.
+        from pipeline.color import METHODS
+        from pipeline.media import choose_size
+        from pipeline.sampler import SCHEDULERS, flow_sigmas
+        from pipeline.windows import plan_windows
+
+        _whole("window", self.window)
+        with _field("window"):
+            plan_windows(1, self.window, motion=1)
+        _whole("motion", self.motion)
+        with _field("motion"):
+            plan_windows(1, self.window, self.motion)
+        if self.scheduler not in SCHEDULERS:
+            raise SettingError("scheduler", f"unknown scheduler {self.scheduler!r} (known: {', '.join(SCHEDULERS)})")
+        with _field("steps"):
+            flow_sigmas(self.scheduler, self.steps, shift=1.0)
+        _finite("shift", self.shift)
+        with _field("shift"):
+            flow_sigmas(self.scheduler, self.steps, self.shift)
+        _finite("text_scale", self.text_scale)
+        _finite("audio_scale", self.audio_scale)
+        for name in ("apg", "batched_guidance"):
+            if not isinstance(getattr(self, name), bool):
+                raise SettingError(name, f"expected true or false, got {getattr(self, name)!r}")
+        if self.color_match not in METHODS:
+            raise SettingError("color_match", f"{self.color_match!r} is not one of {', '.join(METHODS)}")
+        _finite("color_strength", self.color_strength)
+        with _field("size"):
+            choose_size(1, 1, self.size)  # any source size: this checks the target
+        _whole("crf", self.crf)
+        low, high = CRF_RANGE
+        if not low <= self.crf <= high:
+            raise SettingError("crf", f"{self.crf} is not in [{low}, {high}]")
+
+
+@contextlib.contextmanager
+def _field(name: str) -> Iterator[None]:
+    """Turn a pipeline validator's ValueError into a SettingError for `name`."""
+    try:
+        yield
+    except ValueError as exc:
+        raise SettingError(name, str(exc)) from None
+
+
+def _whole(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SettingError(name, f"expected a whole number, got {value!r}")
+
+
+def _finite(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise SettingError(name, f"expected a finite number, got {value!r}")

@@ -300,6 +300,17 @@ def _bind(module, args, kwargs) -> inspect.BoundArguments:
     return bound
 
 
+def check_sp_degree(heads: int, degree: int) -> None:
+    """ValueError unless `degree` ranks can share a model with `heads` attention heads: Ulysses gives
+    each rank heads / degree of them. farm.config.validate asks this before anything loads."""
+    if degree < 1 or heads % degree:
+        divisors = ", ".join(str(g) for g in range(1, heads + 1) if heads % g == 0)
+        raise ValueError(
+            f"Ulysses sequence parallelism splits the attention heads over the ranks: {heads} heads "
+            f"do not divide by G = {degree} ranks (use a G that divides {heads}: {divisors})"
+        )
+
+
 def apply_sequence_parallel(model: WanInfiniteTalkDiT, group: dist.ProcessGroup | None = None) -> SequenceParallel:
     """Split every forward of `model` over the ranks of `group` (default: the whole world), in place.
 
@@ -311,12 +322,7 @@ def apply_sequence_parallel(model: WanInfiniteTalkDiT, group: dist.ProcessGroup 
     if getattr(model, "_sequence_parallel", None) is not None:
         raise ValueError("the model already has sequence parallelism applied")
     sp = SequenceParallel(model, group)
-    heads, g = model.cfg.num_heads, sp.size
-    if heads % g:
-        raise ValueError(
-            f"Ulysses sequence parallelism splits the attention heads over the ranks: {heads} heads "
-            f"do not divide by G = {g} ranks (use a G that divides {heads})"
-        )
+    check_sp_degree(model.cfg.num_heads, sp.size)
     if len(model.blocks) == 0:
         raise ValueError("the model has no blocks to parallelise")
 

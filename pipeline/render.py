@@ -276,7 +276,27 @@ def render_job(
 
 def finish_job(job: Job, state: ResumeState, inputs: JobInputs, output: str | Path, workdir: str | Path) -> Path:
     """Concatenate the segments and mux the job's original audio (both speakers mixed or joined as
-    the audio type says) into `output`."""
+    the audio type says) into `output`, then verify it (`verify_output`)."""
     audio = media.combine_audio(job.audio, job.audio_type, Path(workdir) / "audio.flac") if job.speakers == 2 else job.audio[0]
     media.concat_segments(state.segments, audio, output)
+    verify_output(output, inputs.num_frames)
     return Path(output)
+
+
+class OutputError(RuntimeError):
+    """A finished video that is not what the job asked for; the message lists every problem."""
+
+
+def verify_output(path: str | Path, frames: int) -> None:
+    """OutputError unless `path` has `frames` video frames and an audio stream, lasting frames / FPS
+    seconds to within a frame."""
+    info = media.probe(path)
+    problems = []
+    if info.video is None or info.video.frame_count != frames:
+        problems.append(f"{info.video.frame_count if info.video else 0} frames, expected {frames}")
+    if info.audio is None:
+        problems.append("no audio stream")
+    elif abs(info.duration - frames / FPS) > 1 / FPS:
+        problems.append(f"duration {info.duration:.3f} s, expected {frames / FPS:.3f} s")
+    if problems:
+        raise OutputError(f"{path}: output failed verification: {'; '.join(problems)}")

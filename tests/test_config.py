@@ -5,6 +5,7 @@ stops a bad config with one line before Ray starts. No Ray, no model loads."""
 import os
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig, OmegaConf
 
 from farm.cli import main
-from farm.config import ConfigError, checkpoint_paths, precision, render_settings, run_root, validate
+from farm.config import SETTINGS_KEYS, ConfigError, checkpoint_paths, precision, render_settings, run_root, validate
 from pipeline.job import RenderSettings
 from pipeline.models.checkpoints import CheckpointPaths, Precision
 from pipeline.models.tiny import write_tiny_checkpoints
@@ -173,6 +174,8 @@ def test_a_removed_group_is_missing():
     (["output.size=nope"], "output.size", "480p"),
     (["output.size=100x100"], "output.size", "multiples of 16"),
     (["output.crf=52"], "output.crf", "[0, 51]"),
+    (["sampler.text_scale=nan"], "sampler.text_scale", "finite number"),
+    (["output.color_strength=inf"], "output.color_strength", "finite number"),
     (["quant.mode=fp4"], "quant.mode", "fp8_weights"),
     (["attention.backend=nope"], "attention.backend", "sdpa"),
     (["cluster=address", "attention.backend=nope"], "attention.backend", "sdpa, sage, int8fp8, auto"),
@@ -185,11 +188,27 @@ def test_a_removed_group_is_missing():
     (["cluster.renderers=0"], "cluster.renderers", "less than 1"),
     (["cluster.max_retries=-1"], "cluster.max_retries", "less than 0"),
     (["cluster.max_in_flight=0"], "cluster.max_in_flight", "less than 1"),
+    (["model=infinitetalk_14b", "cluster.sp_degree=3"], "cluster.sp_degree", "40 heads do not divide by G = 3"),
+    (["cluster=address", "model=infinitetalk_14b", "cluster.sp_degree=16"], "cluster.sp_degree",
+     "40 heads do not divide by G = 16 ranks (use a G that divides 40: 1, 2, 4, 5, 8, 10, 20, 40)"),
+    (["cluster.sp_degree=3"], "cluster.sp_degree", "4 heads do not divide by G = 3"),  # the tiny model's 4
 ])
 def test_invalid_value_fails_naming_the_key(overrides, key, says):
     message = config_error(*overrides, *ONE_JOB)
     assert message.startswith(f"{key}: ")
     assert says in message
+
+
+def test_every_render_setting_has_its_config_key():
+    assert list(SETTINGS_KEYS) == [f.name for f in fields(RenderSettings)]
+    cfg = compose_config(*ONE_JOB)
+    for key in SETTINGS_KEYS.values():
+        OmegaConf.select(cfg, key, throw_on_missing=True)  # a key of the schema
+
+
+@pytest.mark.parametrize("model, degree", [("infinitetalk_14b", 8), ("infinitetalk_14b", 5), ("tiny", 2), ("tiny", 4)])
+def test_an_sp_degree_that_divides_the_heads_is_valid(model, degree):
+    validate(compose_config(f"model={model}", f"cluster.sp_degree={degree}", *ONE_JOB))
 
 
 @pytest.mark.parametrize("overrides", [[], ["manifest=jobs/m.jsonl", "job.audio=speech.wav"]])
@@ -228,10 +247,11 @@ def test_render_settings():
     )
 
 
-def test_tiny_model_is_written_on_first_use(tmp_path):
+def test_tiny_model_paths_are_where_it_is_written(tmp_path):
     cfg = compose_config(f"model.dir={tmp_path / 'tiny'}", *ONE_JOB)
     paths = checkpoint_paths(cfg)
-    assert paths == write_tiny_checkpoints(tmp_path / "tiny")  # already complete: not written again
+    assert not (tmp_path / "tiny").exists()  # the driver writes nothing: the actors write it where they run
+    assert paths == write_tiny_checkpoints(tmp_path / "tiny")
     assert paths.infinitetalk.is_file() and (paths.wav2vec_dir / "config.json").is_file()
     assert paths.dit_files() and paths.t5().is_file() and paths.vae().is_file()
     assert precision(cfg) == Precision(dit="fp32", t5="fp32", clip="fp32", vae="fp32")

@@ -14,9 +14,13 @@ import pytest
 import ray
 from hydra import compose, initialize_config_module
 
+from farm.actors import ActorSpec
+from farm.progress import Progress
 from farm.run import run
+from farm.scheduler import Resources, Scheduler
 from farm.storage import RunStore
 from pipeline import media
+from pipeline.assemble import ModelSpec
 from pipeline.models.tiny import write_tiny_checkpoints
 from pipeline.windows import frames_for_duration
 
@@ -252,3 +256,25 @@ def test_a_renderer_that_cannot_load_stops_the_run_and_keeps_the_rows_for_a_reru
     stopped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("run stopped:")]
     assert len(stopped) == 1 and "could not load its models: " in stopped[0] and "Wan2.1_VAE.pth" in stopped[0], stopped
     assert all(r["status"] != "failed" for r in store.read_results())  # nothing marked failed: a re-run renders them
+
+
+def test_a_follower_lost_after_its_leader_finished_replaces_the_group_once(ray_cluster, tmp_path):
+    """Rank 1 of a group fails after rank 0 finished its job (the group is idle again): the group is
+    replaced, and only the new one is left to take a job."""
+    spec = ActorSpec(write_tiny_checkpoints(tmp_path / "tiny"), ModelSpec(), "cpu", cpu_threads=1)
+    resources = Resources(renderer={"CPU": 1}, encoder={"num_cpus": 1}, group_sizes=[], encoders=0,
+                          max_in_flight=1, max_retries=0, actor_failure_limit=1)
+    scheduler = Scheduler(spec, str(tmp_path / "run"), resources, Progress(), lambda row: None)
+    try:
+        group = scheduler._spawn(2)
+        scheduler.idle.append(group)  # as after its leader's StopIteration
+        ray.kill(group.actors[1], no_restart=True)
+        follower = group.actors[1].render.remote(None, None, None, 1)  # fails: the actor is dead
+        scheduler.followers[follower] = group
+        ray.wait([follower], timeout=60)
+        scheduler._on_follower(follower)
+        assert group not in scheduler.groups and group not in scheduler.idle
+        assert [g.size for g in scheduler.idle] == [2] and scheduler.idle == scheduler.groups
+        assert scheduler.followers == {} and scheduler.rendering == {}
+    finally:
+        scheduler.stop()

@@ -3,9 +3,10 @@
 - The README's demo through the talkfarm CLI with each memory preset and quant mode.
 - The tiny model's windows on CUDA against the CPU, in fp32.
 - One job through every code path that runs only on CUDA: the VAE's cuDNN layout, compiled blocks and
-  VAE, fp8 GEMMs, block offload, a tiled VAE, and the int8fp8 attention kernel at a length that uses it.
+  VAE, fp8 GEMMs, block offload, a tiled VAE; the int8fp8 kernel refuses the tiny model's head dim
+  (it runs natively in tests/test_attention_int8fp8.py, which the GPU command runs too).
 
-    python -m pytest -m gpu tests/test_gpu.py        (README, "Contributing")
+    python -m pytest tests/test_gpu.py        (README, "Contributing")
 """
 
 import itertools
@@ -16,12 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from farm.actors import ModelSpec, load_renderer_models
-from farm.config import MemorySettings
 from farm.storage import RunStore
 from pipeline import media
+from pipeline.assemble import MemorySettings, ModelSpec, build_renderer
 from pipeline.job import Job, RenderSettings
-from pipeline.kernels.attention import INT8FP8_MIN_KEYS
+from pipeline.kernels import KernelUnavailable
 from pipeline.models.checkpoints import Precision, load_models
 from pipeline.models.vae import VAETiling
 from pipeline.render import encode_job, render_windows
@@ -42,7 +42,7 @@ ENCODERS = ["t5", "clip", "wav2vec"]
 
 def windows(models, inputs, settings, tmp_path, count=2):
     """The first `count` windows' decoded frames: the second opens on the first's motion latents."""
-    reports = itertools.islice(render_windows(models, JOB, inputs, settings, tmp_path), count)
+    reports = itertools.islice(render_windows(models, JOB, inputs, settings, tmp_path, keep_frames=True), count)
     return torch.cat([r.frames.float() for r in reports])
 
 
@@ -93,39 +93,45 @@ def test_the_tiny_model_renders_on_cuda_as_on_the_cpu(tiny, tmp_path, no_tf32):
     assert error < 1e-3
 
 
-def spec(tiny, attention="sdpa", quant="none", **memory) -> ModelSpec:
-    return ModelSpec(tiny, Precision(), "cuda", attention, quant, memory=MemorySettings(**memory))
+def renderer(tiny, attention="sdpa", quant=None, precision=Precision(), **memory):
+    return build_renderer(tiny, ModelSpec(precision, attention, quant, MemorySettings(**memory)), "cuda")
 
 
-def test_every_cuda_only_path_renders_a_job(tiny, tmp_path):
-    """bf16 on CUDA: eager against compiled and laid out (same quant), offload against on-GPU (the same
-    arithmetic), a tiled VAE against the untiled one (tiles blend: close, not equal)."""
+def test_every_cuda_only_path_renders_a_job(tiny, tmp_path, no_tf32):
+    """In fp32, where the paths must agree closely: eager against laid out and compiled, offloaded
+    against on the GPU. In bf16 with fp8 GEMMs (one fp8 layer path each: quantised while loading on the
+    GPU, loaded as fp8_weights and switched after offload, fp8_weights with a tiled VAE) each renders;
+    on the tiny random model bf16 rounding alone moves its frames by several percent, so those are
+    printed, not bounded."""
     inputs = encoded(tiny)
 
-    def frames(name, **kwargs):
-        return windows(load_renderer_models(spec(tiny, **kwargs)), inputs, SETTINGS, tmp_path / name)
+    def frames(name, precision=FP32, **kwargs):
+        return windows(renderer(tiny, precision=precision, **kwargs), inputs, SETTINGS, tmp_path / name)
 
-    eager = frames("eager", quant="fp8")
-    models = load_renderer_models(spec(tiny, quant="fp8", compile=True))
+    eager = frames("eager")
+    models = renderer(tiny, precision=FP32, compile=True)
     assert models.vae.memory_format == torch.channels_last_3d  # the cuDNN layout, applied on CUDA untiled
+    assert all("forward" in vars(block) for block in models.dit.blocks)
     fast = windows(models, inputs, SETTINGS, tmp_path / "fast")
-    offloaded = frames("offload", quant="fp8", compile=True, offload=True)
-    tiled = frames("tiled", quant="fp8_weights", compile=True, offload=True, offload_ahead=1,
-                   vae_tiling=VAETiling(64, 64, 48, 48))
-    print(f"relative to eager fp8: compiled {rel(fast, eager):.2e}, offloaded {rel(offloaded, fast):.2e}, "
-          f"tiled fp8_weights {rel(tiled, eager):.2e}")
-    assert rel(fast, eager) < 2e-2
-    assert rel(offloaded, fast) < 1e-3
-    assert rel(tiled, eager) < 0.1
+    offloaded = frames("offload", compile=True, offload=True)
+    print(f"fp32: laid out and compiled against eager {rel(fast, eager):.2e}, offloaded against not {rel(offloaded, fast):.2e}")
+    assert rel(fast, eager) < 1e-3
+    assert rel(offloaded, fast) < 1e-5
+
+    bf16 = Precision()
+    quantised = {
+        "fp8": frames("fp8", bf16, quant="fp8", compile=True),
+        "fp8 offloaded": frames("fp8-offload", bf16, quant="fp8", compile=True, offload=True),
+        "fp8_weights, tiled VAE": frames("tiled", bf16, quant="fp8_weights", compile=True, offload=True,
+                                         offload_ahead=1, vae_tiling=VAETiling(64, 64, 48, 48)),
+    }
+    for name, got in quantised.items():
+        print(f"bf16, {name}: relative to fp32 eager {rel(got, eager):.2e}")
+        assert got.shape == eager.shape and got.isfinite().all()
 
 
-def test_the_int8fp8_kernel_renders_a_job_at_a_length_that_uses_it(tiny, tmp_path):
-    """At 832x480 a 33-frame window has 9 x 1,560 tokens, over INT8FP8_MIN_KEYS: the Triton kernel
-    runs on the tiny DiT's self-attention; its window against cuDNN's."""
-    settings = RenderSettings(**{**SETTINGS.__dict__, "size": "832x480"})
-    assert 9 * (480 // 16) * (832 // 16) >= INT8FP8_MIN_KEYS
-    inputs = encoded(tiny, settings)
-    ours = windows(load_renderer_models(spec(tiny, "int8fp8")), inputs, settings, tmp_path / "int8fp8", count=1)
-    cudnn = windows(load_renderer_models(spec(tiny, "sdpa")), inputs, settings, tmp_path / "sdpa", count=1)
-    print(f"int8fp8 against sdpa, 1 window at 832x480: relative {rel(ours, cudnn):.2e}")
-    assert rel(ours, cudnn) < 5e-2
+def test_int8fp8_refuses_the_tiny_models_head_dim_at_start_up(tiny):
+    """Hopper's int8 dot needs a head dim of 32 or more; the tiny DiT's is 16. The kernel itself runs
+    natively in tests/test_attention_int8fp8.py, on this machine too."""
+    with pytest.raises(KernelUnavailable, match="supports head dims .* the model has 16"):
+        renderer(tiny, "int8fp8")

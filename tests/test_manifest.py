@@ -292,6 +292,25 @@ def test_overrides_are_checked_with_the_runs_settings(inputs):
     assert errors == [] and settings_for(rows[0], RenderSettings(steps=4)).scheduler == "flowmatch_distill"
 
 
+@pytest.mark.parametrize("overrides, reasons", [
+    ({"steps": 0}, ["steps: steps must be a positive integer, got 0"]),
+    ({"color_strength": "inf"}, ["color_strength: expected a finite number, got 'inf'"]),
+    # every bad override, each naming its column
+    ({"scheduler": "nope", "color_match": "sepia", "shift": 5},
+     ["scheduler: unknown scheduler 'nope' (known: euler, flowmatch_distill, unipc, dpm++_sde)",
+      "color_match: 'sepia' is not one of mkl, hm, reinhard, lab, none"]),
+    # a setting the row does not give, refused in the company of the columns it does
+    ({"scheduler": "flowmatch_distill", "shift": 5},
+     ["scheduler, shift: scheduler 'flowmatch_distill' runs exactly 4 steps (timesteps [999, 750, 500, 250]), "
+      "got steps=40 (the run's steps)"]),
+])
+def test_a_bad_override_gets_a_reason_naming_its_column(inputs, overrides, reasons):
+    record = {"id": "a", "image": "face.png", "audio": "speech.wav", **overrides}
+    rows, errors = read_manifest(write_jsonl(inputs / "override.jsonl", [record]), BASE)
+    assert rows == [] and [(e.row, e.id) for e in errors] == [(1, "a")]
+    assert errors[0].reason.split("; ") == reasons
+
+
 def test_audio_or_audio_1_is_the_first_speaker(inputs):
     pair = {"id": "pair", "image": "face.png", "audio_2": "talk.mp4", "audio_type": "add"}
     rows, errors = read_manifest(write_jsonl(inputs / "pairs.jsonl", [{**pair, "audio": "speech.wav"}]), BASE)

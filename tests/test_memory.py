@@ -13,14 +13,15 @@ from torch._dynamo.utils import counters
 
 import pipeline.kernels.compile as compile_mod
 import pipeline.kernels.offload as offload_mod
-from farm.actors import ModelSpec, load_renderer_models
-from farm.config import ConfigError, MemorySettings, checkpoint_paths, memory_settings, precision, validate
+from farm.config import ConfigError, memory_settings, model_spec, precision, validate
+from pipeline.assemble import MemorySettings, ModelSpec, build_renderer
 from pipeline.kernels import KernelUnavailable
 from pipeline.kernels.compile import compile_blocks, compile_problem
 from pipeline.models.vae_stream import decode_chunk, encode_chunk
 from pipeline.kernels.fp8 import FP8, Fp8Linear, apply_fp8
 from pipeline.kernels.offload import offload_blocks
 from pipeline.models.dit import DiTConfig, WanInfiniteTalkDiT
+from pipeline.models.tiny import write_tiny_checkpoints
 from pipeline.models.vae import VAETiling
 
 CFG = DiTConfig(
@@ -307,17 +308,17 @@ def test_the_settings_reach_the_renderer(tmp_path):
     """What the Renderer actor does with them when it loads (without Ray): VAE tiling, compiled blocks
     and VAE decode, and offload refused before anything loads on a machine that cannot run it."""
     cfg = compose_config(f"model.dir={tmp_path / 'tiny'}", "memory=24gb", "cluster=address", *ONE_JOB)
-    spec = ModelSpec(checkpoint_paths(cfg), precision(cfg), "cpu", "sdpa", cfg.quant.mode, memory=memory_settings(cfg))
+    paths = write_tiny_checkpoints(tmp_path / "tiny")
     with pytest.raises(KernelUnavailable, match="^block offload cannot run on cpu"):
-        load_renderer_models(spec)
+        build_renderer(paths, model_spec(cfg), "cpu")
     tiled = MemorySettings(compile=CAN_COMPILE, vae_tiling=TILES)
-    models = load_renderer_models(ModelSpec(spec.paths, spec.precision, "cpu", "sdpa", memory=tiled))
+    models = build_renderer(paths, ModelSpec(precision(cfg), memory=tiled), "cpu")
     vae = models.vae.module
     assert vae.use_tiling and (vae.tile_sample_min_height, vae.tile_sample_stride_width) == (256, 192)
     assert all(("forward" in vars(b)) == CAN_COMPILE for b in models.dit.blocks)
     # (a tiled VAE does not use them)
     assert (models.vae.decode_chunk is not decode_chunk) == (models.vae.encode_chunk is not encode_chunk) == CAN_COMPILE
-    untiled = load_renderer_models(ModelSpec(spec.paths, spec.precision, "cpu", "sdpa"))
+    untiled = build_renderer(paths, ModelSpec(precision(cfg)), "cpu")
     assert not untiled.vae.module.use_tiling and not any("forward" in vars(b) for b in untiled.dit.blocks)
     assert untiled.vae.decode_chunk is decode_chunk and untiled.vae.encode_chunk is encode_chunk
 
@@ -327,4 +328,4 @@ def test_the_settings_reach_the_model_spec(tmp_path, monkeypatch):
 
     monkeypatch.setattr(farm.run, "_gpus", lambda: 0)
     cfg = compose_config(f"model.dir={tmp_path / 'tiny'}", "memory=fast", *ONE_JOB)
-    assert farm.run._model_spec(cfg).memory == MemorySettings(compile=True)
+    assert farm.run._actor_spec(cfg).model.memory == MemorySettings(compile=True)

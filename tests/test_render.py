@@ -1,6 +1,7 @@
 """One job end to end on the tiny model, with real ffmpeg: frame counts and durations, determinism,
 resume, motion chaining, step counts, video input and two speakers."""
 
+import dataclasses
 import subprocess
 
 import numpy as np
@@ -13,7 +14,7 @@ from pipeline import media
 from pipeline.job import Box, Job, RenderSettings
 from pipeline.models.checkpoints import Precision, load_models
 from pipeline.models.tiny import write_tiny_checkpoints
-from pipeline.render import ResumeState, encode_job, finish_job, plan_for, render_job
+from pipeline.render import OutputError, ResumeState, encode_job, finish_job, plan_for, render_job
 from pipeline.sampler import SCHEDULERS
 from pipeline.windows import frames_for_duration
 
@@ -192,3 +193,15 @@ def test_bad_box_is_refused_naming_the_job(models, face, tmp_path):
     job = Job("duo", (one, one), image=face, boxes=(Box(0, 0, 300, 10), Box(0, 0, 10, 10)))
     with pytest.raises(ValueError, match=r"job 'duo' speaker 1: box .* right <= 256"):
         encode_job(models, job, FAST)
+
+
+def test_finish_job_verifies_what_it_wrote(models, face, tmp_path):
+    """A finished video whose frames do not match the job (here: the inputs claim 5 frames more than
+    were rendered) is refused with every problem named, not published."""
+    job = Job("short", (speech(tmp_path / "speech.wav", 0.5),), image=face)
+    inputs = encode_job(models, job, FAST)
+    state = render_job(models, job, inputs, FAST, tmp_path / "work")
+    wrong = dataclasses.replace(inputs, num_frames=inputs.num_frames + 5)
+    with pytest.raises(OutputError, match=rf"out.mp4: output failed verification: {inputs.num_frames} frames, "
+                                          rf"expected {inputs.num_frames + 5}; duration .* s, expected .* s"):
+        finish_job(job, state, wrong, tmp_path / "out.mp4", tmp_path / "work")

@@ -44,14 +44,20 @@ DIT_SHARDS = 2
 DONE = ".complete"  # written last: a directory without it is half-written and is rewritten
 
 
-def write_tiny_checkpoints(root: str | Path, seed: int = 0) -> CheckpointPaths:
-    """Write the tiny set under `root` (if not already complete) and return its paths."""
+def tiny_checkpoint_paths(root: str | Path) -> CheckpointPaths:
+    """Where write_tiny_checkpoints(root) writes the set; reads and writes nothing."""
     root = Path(root)
-    paths = CheckpointPaths(
+    return CheckpointPaths(
         wan_dir=root / "Wan2.1-I2V-tiny",
         infinitetalk=root / "InfiniteTalk" / "single" / "infinitetalk.safetensors",
         wav2vec_dir=root / "chinese-wav2vec2-base",
     )
+
+
+def write_tiny_checkpoints(root: str | Path, seed: int = 0) -> CheckpointPaths:
+    """Write the tiny set under `root` (if not already complete) and return its paths."""
+    root = Path(root)
+    paths = tiny_checkpoint_paths(root)
     if (root / DONE).is_file():
         return paths
     paths.wan_dir.mkdir(parents=True, exist_ok=True)
