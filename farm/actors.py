@@ -19,18 +19,16 @@ from farm.errors import Loaded, as_worker_error
 from farm.localize import local_copies
 from farm.storage import RunStore
 from pipeline.assemble import ModelSpec, build_renderer
-from pipeline.job import Job, RenderSettings
+from pipeline.job import FPS, Job, RenderSettings, ResumeState
 from pipeline.models.checkpoints import CheckpointPaths, Models, load_models
 from pipeline.models.tiny import write_tiny_checkpoints
 from pipeline.render import (
     JobInputs,
-    ResumeState,
     encode_job,
     finish_job,
     plan_for,
     render_windows,
 )
-from pipeline.windows import FPS
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,6 @@ looks at.
 One writer per job at a time (the scheduler's job-to-actor affinity); any number of readers.
 """
 
-import contextlib
 import json
 import posixpath
 import uuid
@@ -30,7 +29,7 @@ import pyarrow.parquet as pq
 import safetensors.torch
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.render import ResumeState
+from pipeline.job import ResumeState
 
 RESULTS_SCHEMA = pa.schema(
     [
@@ -178,17 +177,6 @@ class RunStore:
         paths = [f"{log_dir}/{name}" for name in self._list(log_dir) if name.endswith(".json")]
         records = [json.loads(data) for data in self.fs.cat(paths).values()] if paths else []
         return sorted(records, key=lambda r: (r["window"], r["attempt"]))
-
-    def clear_job(self, job_id: str) -> None:
-        """Delete everything of a job that must restart from its first window."""
-        job = self._job_dir(job_id)
-        # state.json first: a recursive delete has no order, and dying half-way must leave a job that
-        # reads as not started, never a state.json naming deleted files.
-        with contextlib.suppress(FileNotFoundError):
-            self.fs.rm(f"{job}/state.json")
-        self.fs.invalidate_cache(job)
-        if self.fs.exists(job):
-            self.fs.rm(job, recursive=True)
 
     # ----------------------------------------------------------------------------------- helpers
 

@@ -8,7 +8,13 @@ checked before anything loads: a bad value raises a one-line error naming the fi
 import contextlib
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+FPS = 25  # InfiniteTalk's video frame rate: the windows, the audio features and every output
 
 # The official default negative prompt (wan/configs/wan_multitalk_14B.py).
 DEFAULT_NEGATIVE_PROMPT = (
@@ -166,3 +172,12 @@ def _whole(name: str, value) -> None:
 def _finite(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise SettingError(name, f"expected a finite number, got {value!r}")
+
+
+@dataclass
+class ResumeState:
+    """Everything needed to continue a job after a window; small enough to write after every window."""
+
+    next_window: int = 0
+    motion_latents: "torch.Tensor | None" = None  # [16, m, h, w] clean latents opening the next window
+    segments: list[str] = field(default_factory=list)  # files of the frames kept so far, in order

@@ -13,21 +13,21 @@ window index), so a job resumed at window k produces the same frames as an unint
 
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from pipeline import media
 from pipeline.color import match_colors
-from pipeline.job import Job, RenderSettings
+from pipeline.job import FPS, Job, RenderSettings, ResumeState
 from pipeline.models.audio import SAMPLE_RATE, loudness_normalize
 from pipeline.models.checkpoints import Models
 from pipeline.models.dit import pad_text
 from pipeline.models.vae import latent_frames
 from pipeline.sampler import APG, COND, DROP_AUDIO, DROP_TEXT, guidance_passes, guide, make_sampler
 from pipeline.speakers import arrange_speakers, speaker_masks
-from pipeline.windows import FPS, Window, frames_for_duration, pad_features, plan_windows, total_frames, window_audio
+from pipeline.windows import Window, frames_for_duration, pad_features, plan_windows, total_frames, window_audio
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +44,6 @@ class JobInputs:
     references: torch.Tensor  # [R, 3, H, W] in [-1, 1]: R = 1 for an image, one per window for a video
     clip_tokens: torch.Tensor  # [R, 257, clip_dim]
     masks: torch.Tensor | None  # [3, H, W] speaker 1 / speaker 2 / background; two speakers only
-
-
-@dataclass
-class ResumeState:
-    """Everything needed to continue a job after a window; small enough to write after every window."""
-
-    next_window: int = 0
-    motion_latents: torch.Tensor | None = None  # [16, m, h, w] clean latents opening the next window
-    segments: list[str] = field(default_factory=list)  # files of the frames kept so far, in order
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-FPS = 25
+from pipeline.job import FPS
 
 # Each frame is conditioned on the audio features of its neighbours at offsets -2..+2 (official `indices`).
 NEIGHBOURS = 2

@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 
 from pipeline import media
-from pipeline.job import Box, Job, RenderSettings
+from pipeline.job import Box, Job, RenderSettings, ResumeState
 from pipeline.models.checkpoints import Precision, load_models
 from pipeline.models.tiny import write_tiny_checkpoints
-from pipeline.render import OutputError, ResumeState, encode_job, finish_job, plan_for, render_job
+from pipeline.render import OutputError, encode_job, finish_job, plan_for, render_job
 from pipeline.sampler import SCHEDULERS
 from pipeline.windows import frames_for_duration
 

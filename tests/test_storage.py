@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from farm.storage import RESULTS_SCHEMA, RunStore
-from pipeline.render import ResumeState
+from pipeline.job import ResumeState
 
 
 @pytest.fixture(params=["local", "memory"])
@@ -274,19 +274,7 @@ def test_config(store):
     assert files(store) == ["config.yaml"]
 
 
-def test_clear_job(store, tmp_path):
-    segment = tmp_path / "segment-00000.mp4"
-    segment.write_bytes(b"frames")
-    store.put_segment("job-a", segment)
-    store.save_state("job-a", state(1, 1, seed=0), names(1))
-    store.append_window_log("job-a", {"window": 0, "attempt": 1})
-    store.save_state("job-b", state(1, 1, seed=0), names(1))
 
-    store.clear_job("job-a")
-    assert store.load_state("job-a") is None and store.read_window_log("job-a") == []
-    assert store.load_state("job-b").next_window == 1
-    store.clear_job("job-a")  # clearing a job with nothing stored is fine
-    store.clear_job("never-started")
 
 
 def test_local_copies_fetch_remote_inputs_and_leave_local_ones(tmp_path):

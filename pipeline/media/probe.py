@@ -13,7 +13,7 @@ import ffmpeg
 
 from pipeline.media.process import (MediaError, PathLike, _FFmpeg, _WavDecoder, _command, _file_url, _passthrough,
                                     _require_file, _tidy, ffmpeg_binary)
-from pipeline.windows import FPS
+from pipeline.job import FPS
 
 
 @dataclass(frozen=True)

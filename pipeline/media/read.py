@@ -14,7 +14,7 @@ from pipeline.media.probe import _dump, video_frame_count
 from pipeline.media.process import (MediaError, PathLike, _FFmpeg, _WavDecoder, _command, _file_url, _passthrough,
                                     _require_file, ffmpeg_binary)
 from pipeline.media.sizes import fit_to
-from pipeline.windows import FPS
+from pipeline.job import FPS
 
 log = logging.getLogger(__name__)
 

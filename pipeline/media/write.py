@@ -10,7 +10,8 @@ import torch
 
 from pipeline.media.probe import _count_packets, _dump, probe
 from pipeline.media.process import MediaError, PathLike, _FFmpeg, _command, _file_url, _require_file
-from pipeline.windows import FPS, frames_for_duration
+from pipeline.job import FPS
+from pipeline.windows import frames_for_duration
 
 log = logging.getLogger(__name__)
 
