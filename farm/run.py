@@ -90,10 +90,22 @@ def _gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else torch.cuda.device_count()
 
 
+def _group_sizes(cfg, gpus: int) -> list[int]:
+    """The renderers' sizes (actors each): `renderers` groups of sp_degree if given; else groups of
+    sp_degree GPUs, GPUs left over becoming single-GPU renderers (so a run mixes groups and single
+    GPUs); without GPUs, CPU_RENDERERS groups of sp_degree CPU actors."""
+    g = cfg.cluster.sp_degree
+    if cfg.cluster.renderers:
+        return [g] * cfg.cluster.renderers
+    if gpus:
+        return [g] * (gpus // g) + [1] * (gpus % g)
+    return [g] * CPU_RENDERERS
+
+
 def _local_resources(cfg) -> dict:
     """An in-process Ray: logical CPUs for every worker we start (actors mostly wait on torch)."""
-    renderers = (cfg.cluster.renderers or torch.cuda.device_count() or CPU_RENDERERS) * cfg.cluster.sp_degree
-    return {"num_cpus": max(os.cpu_count() or 1, renderers + cfg.cluster.encoders + 2)}
+    actors = sum(_group_sizes(cfg, torch.cuda.device_count())) + cfg.cluster.encoders
+    return {"num_cpus": max(os.cpu_count() or 1, actors + 2)}
 
 
 def _actor_spec(cfg) -> ActorSpec:
@@ -101,22 +113,15 @@ def _actor_spec(cfg) -> ActorSpec:
     device = "cuda" if (cfg.model.device == "cuda" or (cfg.model.device == "auto" and gpus)) else "cpu"
     if device == "cuda" and not gpus:
         raise RuntimeError("model.device=cuda but the Ray cluster has no GPUs")
-    actors = (cfg.cluster.renderers or gpus or CPU_RENDERERS) * cfg.cluster.sp_degree + cfg.cluster.encoders
+    actors = sum(_group_sizes(cfg, gpus)) + cfg.cluster.encoders
     threads = None if device == "cuda" else max(1, (os.cpu_count() or 1) // actors)
     tiny = issubclass(OmegaConf.get_type(cfg.model), TinyModel)
     return ActorSpec(checkpoint_paths(cfg), model_spec(cfg), device, threads, tiny)
 
 
 def _resources(cfg) -> Resources:
-    """Renderers of sp_degree GPUs each; GPUs left over become single-GPU renderers (so a run mixes
-    groups and single GPUs). Without GPUs: `renderers` (default 2) renderers of sp_degree CPU actors."""
-    gpus, g = _gpus(), cfg.cluster.sp_degree
-    if cfg.cluster.renderers:
-        sizes = [g] * cfg.cluster.renderers
-    elif gpus:
-        sizes = [g] * (gpus // g) + [1] * (gpus % g)
-    else:
-        sizes = [g] * CPU_RENDERERS
+    gpus = _gpus()
+    sizes = _group_sizes(cfg, gpus)
     return Resources(
         renderer={"CPU": 1, "GPU": 1} if gpus else {"CPU": 1},
         encoder={"num_cpus": 1},
