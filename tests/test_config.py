@@ -3,6 +3,7 @@ types and bad values fail naming the key; the converters give the pipeline's dat
 stops a bad config with one line before Ray starts. No Ray, no model loads."""
 
 import os
+import re
 import subprocess
 import sys
 from dataclasses import fields
@@ -54,6 +55,10 @@ OPTIONS = {
     ("quant", "fp8"): {"quant.mode": "fp8"},
     ("attention", "sdpa"): {"attention.backend": "sdpa"},
     ("attention", "int8fp8"): {"attention.backend": "int8fp8"},
+    ("attention", "sage"): {"attention.backend": "sage"},
+    ("attention", "auto"): {"attention.backend": "auto"},
+    ("sampler", "unipc"): {"sampler.scheduler": "unipc", "sampler.steps": 40, "sampler.shift": 7.0,
+                           "sampler.text_scale": 5.0, "sampler.audio_scale": 4.0},
     ("sampler", "euler"): {"sampler.scheduler": "euler", "sampler.steps": 40, "sampler.shift": 7.0,
                            "sampler.text_scale": 5.0, "sampler.audio_scale": 4.0, "sampler.apg": False},
     ("sampler", "distill"): {"sampler.scheduler": "flowmatch_distill", "sampler.steps": 4,
@@ -95,6 +100,9 @@ def test_each_option_composes_and_validates(group, option):
     elif (group, option) == ("attention", "int8fp8") and not torch.cuda.is_available():
         with pytest.raises(ConfigError, match=r"^attention\.backend: .*needs a Hopper GPU"):
             validate(cfg)
+    elif (group, option) == ("attention", "sage") and not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match=r"^attention\.backend: .*needs a CUDA GPU"):
+            validate(cfg)
     elif group == "memory" and OmegaConf.select(cfg, "memory.offload") and not torch.cuda.is_available():
         with pytest.raises(ConfigError, match=r"^memory\.offload: block offload cannot run on cpu"):
             validate(cfg)  # block offload streams to a GPU: refused at start-up without one
@@ -102,6 +110,23 @@ def test_each_option_composes_and_validates(group, option):
         validate(cfg)
     for key, expected in OPTIONS[group, option].items():
         assert OmegaConf.select(cfg, key) == expected, key
+
+
+# group=option as the documents write it: `attention=sage`, `memory=24gb`, ...
+GROUPS = "|".join(p.name for p in (REPO / "conf").iterdir() if p.is_dir() and not p.name.startswith("_"))
+NAMED_OPTION = re.compile(rf"(?<![\w./-])({GROUPS})=([a-z0-9_]+)")  # not ray.io/cluster=talkfarm
+
+
+def test_every_option_the_documents_name_exists():
+    documents = [REPO / "README.md", REPO / "pyproject.toml", *(REPO / "docs").glob("*.md"), *(REPO / "k8s").rglob("*.yaml"),
+                 *(REPO / "conf").rglob("*.yaml"), *(REPO / "benchmarks").glob("*.md")]
+    named = {(str(document.relative_to(REPO)), *m.groups()) for document in documents
+             for m in NAMED_OPTION.finditer(document.read_text())}
+    help_text = subprocess.run([sys.executable, "-m", "farm.cli", "--help"], capture_output=True, text=True, cwd=REPO).stdout
+    named |= {("--help", *m.groups()) for m in NAMED_OPTION.finditer(help_text)}
+    assert {("pyproject.toml", "attention", "sage"), ("README.md", "memory", "24gb")} <= named  # the scan finds them
+    missing = sorted(n for n in named if not (REPO / "conf" / n[1] / f"{n[2]}.yaml").is_file())
+    assert missing == []
 
 
 def test_top_level_defaults():

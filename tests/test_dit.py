@@ -16,8 +16,9 @@ CFG = DiTConfig(
 
 
 def official_key_names(cfg: DiTConfig) -> set[str]:
-    """The official Wan2.1 I2V + InfiniteTalk state-dict names, written out from the naming scheme in
-    shared/reference/INFINITETALK.md section 2 (not from our modules)."""
+    """The official Wan2.1 I2V + InfiniteTalk state-dict names, written out by hand from the official
+    modules' attribute names (Wan2.1 wan/modules/model.py, InfiniteTalk wan/modules/multitalk_model.py),
+    not from our modules."""
     wb = ("weight", "bias")
     keys = {f"patch_embedding.{p}" for p in wb}
     keys |= {f"text_embedding.{i}.{p}" for i in (0, 2) for p in wb}
