@@ -19,7 +19,7 @@ from pipeline.models.vae import (
     compile_vae,
     latent_frames,
     vae_config_from_shapes,
-    vae_state_dict_from_official,
+    vae_from_official,
     vae_state_dict_to_official,
 )
 
@@ -82,7 +82,8 @@ def test_config_inferred_from_official_shapes(official):
 
 
 def test_official_layout_round_trip(official):
-    converted = vae_state_dict_from_official(official)
+    config, converted = vae_from_official(official)
+    assert config == TINY
     # Independent check of the naming: diffusers' own converter (written for this exact layout) agrees.
     assert converted.keys() == convert_wan_vae_to_diffusers(official).keys()
     with torch.device("meta"):
@@ -103,10 +104,10 @@ def test_official_layout_round_trip(official):
 
 def test_unknown_and_missing_keys_are_named(official):
     with pytest.raises(KeyError, match=r"encoder\.middle\.1\.extra\.weight"):
-        vae_state_dict_from_official({**official, "encoder.middle.1.extra.weight": torch.zeros(1)})
+        vae_from_official({**official, "encoder.middle.1.extra.weight": torch.zeros(1)})
     incomplete = {name: t for name, t in official.items() if name != "decoder.head.2.bias"}
     with pytest.raises(KeyError, match=r"decoder\.head\.2\.bias"):
-        vae_state_dict_from_official(incomplete)
+        vae_from_official(incomplete)
 
 
 @pytest.fixture(scope="module")

@@ -140,17 +140,10 @@ def _official_to_diffusers_names(config: dict) -> dict[str, str]:
     return {_official_name(name, config["num_res_blocks"]): name for name in model.state_dict()}
 
 
-def vae_state_dict_from_official(official: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Rename an official Wan VAE state dict to AutoencoderKLWan keys (tensors are not copied).
-
-    Every official key must be consumed and every key the architecture needs must be present: a KeyError
-    names the unknown and the missing keys.
-    """
-    return _convert_official(official)[1]
-
-
-def _convert_official(official: Mapping[str, Tensor]) -> tuple[dict, dict[str, Tensor]]:
-    """(AutoencoderKLWan config, renamed state dict) for an official-layout state dict."""
+def vae_from_official(official: Mapping[str, Tensor]) -> tuple[dict, dict[str, Tensor]]:
+    """(AutoencoderKLWan config, state dict renamed to its keys) for an official-layout state dict; the
+    tensors are not copied. Every official key must be consumed and every key the architecture needs
+    must be present: a KeyError names the unknown and the missing keys."""
     config = vae_config_from_shapes({name: tuple(t.shape) for name, t in official.items()})
     names = _official_to_diffusers_names(config)
     unknown = sorted(set(official) - set(names))
@@ -163,7 +156,7 @@ def _convert_official(official: Mapping[str, Tensor]) -> tuple[dict, dict[str, T
 
 
 def vae_state_dict_to_official(diffusers_state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Inverse of `vae_state_dict_from_official` (used to write checkpoints in the official layout)."""
+    """Inverse of `vae_from_official`'s renaming (used to write checkpoints in the official layout)."""
     # The decoder's first level holds num_res_blocks + 1 residual blocks.
     prefix = "decoder.up_blocks.0.resnets."
     num_res_blocks = len({name.split(".")[4] for name in diffusers_state_dict if name.startswith(prefix)}) - 1
@@ -235,7 +228,7 @@ class WanVAE:
         holds the weights once. The official code runs the VAE in fp32; Precision's default is bf16 (its
         reasons there).
         """
-        config, converted = _convert_official(state_dict)
+        config, converted = vae_from_official(state_dict)
         with torch.device("meta"):
             module = AutoencoderKLWan(**config)
         weights = {name: t.to(device, dtype) for name, t in converted.items()}
