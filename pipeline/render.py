@@ -16,12 +16,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pipeline import media
 from pipeline.color import match_colors
 from pipeline.job import FPS, Job, RenderSettings, ResumeState
-from pipeline.models.audio import SAMPLE_RATE, loudness_normalize
+from pipeline.models.audio import SAMPLE_RATE, AudioEncoder, feature_frames, loudness_normalize
 from pipeline.models.checkpoints import Models
 from pipeline.models.dit import pad_text
 from pipeline.models.vae import latent_frames
@@ -40,7 +41,7 @@ class JobInputs:
     num_frames: int  # video frames covering the whole speech, ceil(duration * 25)
     text: torch.Tensor  # [1, text_len, text_dim] the prompt's T5 tokens, zero-padded
     text_null: torch.Tensor  # [1, text_len, text_dim] the negative prompt's
-    audio: torch.Tensor  # [S, frames + 3, layers, C] wav2vec2 features, padded past the end
+    audio: torch.Tensor  # [S, frames + pad, layers, C] wav2vec2 features (speech_features), padded past the end
     references: torch.Tensor  # [R, 3, H, W] in [-1, 1]: R = 1 for an image, one per window for a video
     clip_tokens: torch.Tensor  # [R, 257, clip_dim]
     masks: torch.Tensor | None  # [3, H, W] speaker 1 / speaker 2 / background; two speakers only
@@ -70,6 +71,14 @@ def plan_for(num_frames: int, settings: RenderSettings) -> list[Window]:
     return plan_windows(num_frames, settings.window, settings.motion)
 
 
+def speech_features(encoder: AudioEncoder, track: np.ndarray, frames_needed: int) -> torch.Tensor:
+    """[frames_needed + pad, layers, C] features of one speaker's track (16 kHz, loudness-normalised), on
+    the CPU in fp32: computed on the official grid (feature_frames), then padded past the end as the
+    windows need (pad_features), which gives the frame that ceil(duration x 25) adds the tail treatment."""
+    features = encoder.features(torch.from_numpy(track), feature_frames(len(track)))
+    return pad_features(features.cpu().float(), frames_needed)
+
+
 @torch.no_grad()
 def encode_job(models: Models, job: Job, settings: RenderSettings) -> JobInputs:
     """Audio, text and reference encodings of one job (wav2vec2, T5 and CLIP; no DiT, no VAE)."""
@@ -77,10 +86,7 @@ def encode_job(models: Models, job: Job, settings: RenderSettings) -> JobInputs:
     tracks = arrange_speakers(tracks, job.audio_type)
     num_frames = frames_for_duration(len(tracks[0]) / SAMPLE_RATE)
     plan = plan_for(num_frames, settings)
-    features = [
-        pad_features(models.wav2vec.features(torch.from_numpy(track), num_frames).cpu().float(), total_frames(plan))
-        for track in tracks
-    ]
+    features = [speech_features(models.wav2vec, track, total_frames(plan)) for track in tracks]
 
     prompt, negative = models.t5.encode([job.prompt, job.negative_prompt])
     text_len = models.t5.text_len

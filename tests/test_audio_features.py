@@ -18,10 +18,13 @@ from transformers import Wav2Vec2FeatureExtractor, Wav2Vec2Model
 from pipeline.models.audio import (
     SAMPLE_RATE,
     AudioEncoder,
+    feature_frames,
     loudness_normalize,
     write_tiny_wav2vec2,
 )
-from pipeline.windows import frames_for_duration
+from pipeline.render import speech_features
+from pipeline.speakers import arrange_speakers
+from pipeline.windows import frames_for_duration, plan_windows, total_frames
 
 NUM_LAYERS, HIDDEN = 3, 32
 
@@ -131,6 +134,37 @@ def test_features_match_independent_computation(reference_model, encoder, encode
     # feature projection's LayerNorm divides by the per-frame spread of the CNN features, which is ~1e-3 in
     # the near-silent frames between syllables, so float32 round-off is amplified there (seen: 3e-4).
     torch.testing.assert_close(encoder.features(samples, num_frames).double(), reference, rtol=0, atol=2e-3)
+
+
+# ------------------------------------------------------------------------------------- the official grid
+
+
+@pytest.mark.parametrize("samples, frames", [(36_800, 57), (14_880, 23), (4_480, 7), (640, 1), (400, 1), (639, 1)])
+def test_feature_frames_is_the_official_count(samples, frames):
+    assert feature_frames(samples) == frames == max(1, int(samples / 16000 * 25))  # get_embedding's expression
+
+
+def official_speech_features(model: Wav2Vec2Model, track: np.ndarray, frames_needed: int) -> torch.Tensor:
+    """The official features of one track, computed here: int(S / 16000 * 25) frames at CNN positions
+    i * (T50 - 1) / (n - 1), and past the end the track's tail read backwards (generate_infinitetalk's
+    flip of the last frames_needed - n + 3 features)."""
+    n = int(len(track) / 16000 * 25)
+    features = reference_features(model, torch.from_numpy(track), n)
+    tail = [features[n - 1 - j] for j in range(frames_needed - n + 3)]
+    return torch.cat([features, torch.stack(tail)])
+
+
+@pytest.mark.parametrize("speakers", [(0.93,), (2.3,), (1.37,), (0.93, 1.37, "para"), (1.37, 0.93, "add")])
+def test_speech_features_are_on_the_official_grid(reference_model, encoder, speakers):
+    *durations, audio_type = speakers if len(speakers) == 3 else (*speakers, "para")
+    tracks = arrange_speakers([speech_like(d, seed=i) for i, d in enumerate(durations)], audio_type)
+    video_frames = frames_for_duration(len(tracks[0]) / SAMPLE_RATE)  # ceil: one more than the official count
+    assert video_frames == feature_frames(len(tracks[0])) + 1
+    needed = total_frames(plan_windows(video_frames, 33, 9))
+    for track in tracks:
+        ours = speech_features(encoder, track, needed)
+        torch.testing.assert_close(ours.double(), official_speech_features(reference_model, track, needed),
+                                   rtol=0, atol=2e-3)  # float32 against float64, as above
 
 
 def test_input_standardisation_follows_preprocessor_config(tiny_dir, encoder, encoder64, tmp_path):

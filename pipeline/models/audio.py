@@ -2,7 +2,7 @@
 
 The audio arrives here already decoded: mono float samples at 16 kHz (decoding lives in pipeline/media/read.py).
 
-    samples -> loudness_normalize (-23 LUFS) -> AudioEncoder.features -> [T_video, layers, hidden]
+    samples -> loudness_normalize (-23 LUFS) -> AudioEncoder.features -> [feature_frames(S), layers, hidden]
 
 wav2vec2 is chinese-wav2vec2-base in Hugging Face format (12 layers, 768 wide, group-norm CNN feature
 extractor, no stable layer norm). InfiniteTalk does not use it as is: the 50 Hz output of the CNN feature
@@ -18,7 +18,17 @@ import torch
 import torch.nn.functional as F
 from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
+from pipeline.job import FPS
+
 SAMPLE_RATE = 16_000
+
+
+def feature_frames(num_samples: int) -> int:
+    """The video frames the official code computes features for: get_embedding's
+    int(len(samples) / 16000 * 25), float expression and floor included, at least 1. Because the
+    interpolation aligns both ends, this count fixes every frame's position on the 50 Hz grid, so a video
+    of ceil(duration x 25) frames takes the features at this count and pads the frame past its end."""
+    return max(1, int(num_samples / SAMPLE_RATE * FPS))
 
 # ITU-R BS.1770 measures loudness over 400 ms gating blocks; pyloudnorm refuses shorter input.
 _BS1770_BLOCK_S = 0.4
@@ -72,7 +82,7 @@ class AudioEncoder:
         """Per-video-frame speech features [num_frames, num_layers, hidden], in the model's dtype and device.
 
         samples_16k: mono samples [S] at 16 kHz, loudness-normalised. num_frames: video frames at 25 fps,
-        normally frames_for_duration(S / 16000) (pipeline.windows). The whole clip is encoded in one pass, as in the official
+        normally feature_frames(S), the official grid. The whole clip is encoded in one pass, as in the official
         code: the transformer's attention spans the whole clip, so encoding in pieces would change the result.
         """
         if samples_16k.ndim != 1:
