@@ -355,6 +355,22 @@ def test_write_video_colours_odd_size_and_audio_start(files, tmp_path):
     assert abs(media.probe(out).audio.duration - 3.7) < 1 / 25
 
 
+def colour_tags(path) -> str:
+    """The video stream's '(range, tags' as ffmpeg's stream dump prints them: one name when matrix,
+    primaries and transfer agree, else matrix/primaries/transfer ('unknown' where untagged)."""
+    dump = subprocess.run([media.ffmpeg_binary(), "-hide_banner", "-i", str(path)], capture_output=True, text=True).stderr
+    return dump.split("yuv420p(", 1)[1].split(", progressive")[0]
+
+
+def test_outputs_are_tagged_bt709(tmp_path):
+    segments = [tmp_path / "a.mp4", tmp_path / "b.mp4"]
+    for segment in segments:
+        media.write_video(segment, gradient_frames(5))
+    media.concat_segments(segments, tone(tmp_path / "t.wav", 0.4), tmp_path / "out.mp4")
+    for path in [*segments, tmp_path / "out.mp4"]:
+        assert colour_tags(path) == "tv, bt709", path  # untagged primaries: 'tv, bt709/unknown/unknown'
+
+
 def test_write_video_errors(files, tmp_path):
     out = tmp_path / "e.mp4"
     with pytest.raises(MediaError, match="no audio stream") as e:

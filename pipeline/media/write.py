@@ -45,6 +45,9 @@ def write_video(path: PathLike, frames: torch.Tensor | Iterable, fps: float = FP
 
     video = ffmpeg.input("pipe:", format="rawvideo", pix_fmt="rgb24", s=f"{width}x{height}", framerate=fps)
     video = video.video.filter("scale", out_color_matrix="bt709", out_range="tv").filter("format", "yuv420p")
+    # Tag the frames themselves: the encoder takes each frame's own colour properties over the -color_*
+    # options below, and scale sets only the matrix, so without this primaries and transfer are untagged.
+    video = video.filter("setparams", color_primaries="bt709", color_trc="bt709", colorspace="bt709", range="tv")
     streams = [video]
     options = {"format": "mp4", "vcodec": "libx264", "preset": preset, "crf": crf, "movflags": "+faststart",
                "colorspace": "bt709", "color_primaries": "bt709", "color_trc": "bt709", "color_range": "tv"}
