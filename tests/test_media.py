@@ -11,7 +11,7 @@ from PIL import Image
 
 from pipeline import media
 from pipeline.media import MediaError
-from pipeline.windows import frames_for_duration
+from pipeline.windows import frames_for_duration, plan_windows
 
 TONE_S = 1.37  # length of the generated tone files
 TONE_HZ = 440
@@ -383,6 +383,36 @@ def test_write_video_errors(files, tmp_path):
     with pytest.raises(MediaError, match="frame size changed"):
         media.write_video(out, [gradient_frames(2), gradient_frames(2, width=32)])
     assert not out.exists()
+
+
+def video_packets(path) -> list[tuple[int, int, int]]:
+    """(dts, pts, duration) of every video packet in decode order, in the stream's time base (framecrc)."""
+    report = subprocess.run([media.ffmpeg_binary(), "-v", "error", "-i", str(path), "-map", "0:v:0", "-c", "copy",
+                             "-f", "framecrc", "-"], capture_output=True, text=True, check=True).stdout
+    rows = [line.split(",") for line in report.splitlines() if line and not line.startswith("#")]
+    return [(int(r[1]), int(r[2]), int(r[3])) for r in rows]
+
+
+@pytest.mark.parametrize("frames, window, motion", [
+    *((33 + tail, 33, 9) for tail in range(1, 25)),  # the tiny model's windows: every tail size after one window
+    (34 + 24, 33, 9), (118, 117, 25), (119, 117, 25), (117 + 92 + 1, 117, 25), (117 + 92 + 46, 117, 25),
+])
+def test_joined_segments_have_a_constant_25_fps_timeline(tmp_path, frames, window, motion):
+    segments = []
+    for w in plan_windows(frames, window, motion):  # each window's new frames, as render_job writes them
+        new = min(w.length, frames - w.start) - w.new_from
+        segments.append(tmp_path / f"segment-{w.index}.mp4")
+        media.write_video(segments[-1], torch.rand(new, 3, 16, 16) * 2 - 1)
+    out = tmp_path / "out.mp4"
+    assert media.concat_segments(segments, None, out) == frames
+    packets = video_packets(out)
+    tick = packets[1][0] - packets[0][0]  # one frame in the stream's time base
+    assert [dts for dts, _, _ in packets] == [packets[0][0] + i * tick for i in range(frames)]
+    assert {duration for _, _, duration in packets} == {tick}
+    pts = sorted(p for _, p, _ in packets)
+    assert pts == [pts[0] + i * tick for i in range(frames)] and all(dts <= p for dts, p, _ in packets)
+    dump = subprocess.run([media.ffmpeg_binary(), "-hide_banner", "-i", str(out)], capture_output=True, text=True).stderr
+    assert ", 25 fps," in dump  # avg_frame_rate 25/1 (a 3-frame packet made it 23.61 fps)
 
 
 def test_concat_segments_and_combine_audio(tmp_path):

@@ -116,7 +116,13 @@ def concat_segments(segments: Sequence[PathLike], audio_path: PathLike | None, o
     listing = "ffconcat version 1.0\n" + "".join(
         "file '{}'\n".format(_file_url(_require_file(s).resolve()).replace("'", "'\\''")) for s in segments)
     video = ffmpeg.input("pipe:", format="concat", safe=0, protocol_whitelist="file,pipe")["v:0"]
-    streams, options, audio_left = [video], {"format": "mp4", "vcodec": "copy", "movflags": "+faststart"}, None
+    # Every segment is its own x264 encode, and one of 1 or 2 frames has no B-frames and so none of the
+    # others' decode delay: copied as it is, its first frame's decode time jumps by that delay and the
+    # frame before it lasts 3 frames (avg_frame_rate 1625/66). Decode times are restamped one frame
+    # apart from the first; presentation times are kept (pts=PTS: unset, setts gives pts the dts formula).
+    retime = f"setts=pts=PTS:dts=STARTDTS+N/({fps}*TB):duration=1/({fps}*TB)"
+    streams, options, audio_left = [video], {"format": "mp4", "vcodec": "copy", "bsf:v": retime,
+                                             "movflags": "+faststart"}, None
     if audio_path is not None:
         audio, audio_options, audio_left = _aac_track(audio_path, audio_start, audio_bitrate)
         streams.append(audio)
