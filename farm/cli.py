@@ -1,10 +1,10 @@
 """`talkfarm`: the command line. Hydra composes conf/ with the overrides given (`key=value`,
 `group=option`; `talkfarm --help` lists them), farm.config.validate checks the values, farm.run renders.
 
-Every config mistake, whether Hydra finds it (an unknown key, a wrong type, a missing option) or
-validate does (a value out of range), ends the process with status 1 and one line on stderr naming
-the key, before Ray or any model starts (HYDRA_FULL_ERROR=1: Hydra's own report of composition
-errors, with its traceback).
+Every config mistake, whether Hydra finds it (an unknown key, a wrong type, a missing option),
+validate does (a value out of range) or farm.run does (a manifest it cannot read), ends the process
+with status 1 and one line on stderr naming the key, before Ray starts or any model loads
+(HYDRA_FULL_ERROR=1: Hydra's own report of composition errors, with its traceback).
 """
 
 import os
@@ -22,12 +22,13 @@ from farm.config import ConfigError, validate
 def _talkfarm(cfg: DictConfig) -> None:
     try:
         validate(cfg)
+        from farm.run import run  # Ray and the models load only for a valid config
+
+        code = run(cfg)  # which raises ConfigError too, for a manifest it cannot read
     except ConfigError as exc:
         # Exiting here, not raising: Hydra would add its own "Error executing job" line.
         sys.exit(f"talkfarm: {exc}")
-    from farm.run import run  # Ray and the models load only for a valid config
-
-    sys.exit(run(cfg))
+    sys.exit(code)
 
 
 def main() -> None:

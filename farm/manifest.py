@@ -23,9 +23,10 @@ Rules, the same in every format:
 - Media paths are fsspec URLs (used as given; file:// ones become plain paths), absolute local paths, or
   relative to the manifest's folder, also when the manifest is at a URL (s3://b/jobs/m.csv + face.png
   -> s3://b/jobs/face.png).
-- Local media are probed with ffmpeg (pipeline.media.probe): audio must have an audio stream, an image
-  or video a picture, boxes must lie inside it. Remote media are only checked to exist: probing them
-  would mean downloading every input before the first job starts; the renderer's own reads catch the rest.
+- Local media are probed with ffmpeg (pipeline.media.probe): audio must have an audio stream at least
+  one wav2vec2 window long, an image or video a picture, boxes must lie inside it. Remote media are only
+  checked to exist: probing them would mean downloading every input before the first job starts; the
+  renderer's own reads catch the rest.
 - A row's `row` is its 1-based position among the manifest's rows (JSONL: blank lines are not rows).
 
 A bad row becomes a RowError with every problem found in it, joined in one line; the good rows run.
@@ -165,7 +166,9 @@ def _table_records(table: pa.Table, location: str) -> list[dict]:
     names = table.schema.names
     repeated = [name for name in names if names.count(name) > 1]
     if repeated:
-        raise ManifestError(location, f"column {repeated[0]!r} appears more than once")
+        positions = [str(i) for i, name in enumerate(names, 1) if name == repeated[0]]
+        raise ManifestError(location, f"column {repeated[0]!r}: appears more than once (columns "
+                                      f"{', '.join(positions)})")
     return table.to_pylist()
 
 
@@ -465,12 +468,24 @@ def _inspect(path: str) -> tuple[media.MediaInfo | None, str | None]:
         return None, f"cannot check it ({type(e).__name__}: {e})"
 
 
+# The audio encoder's input rate, and the shortest audio it can encode: wav2vec2's conv feature extractor
+# (kernels 10,3,3,3,3,2,2, strides 5,2,2,2,2,2,2) has a 400-sample receptive field, so shorter audio gives
+# it no frame at all and the encoder fails, on every retry alike. pipeline.models.audio (SAMPLE_RATE) is
+# not imported for this: it brings torch and transformers into the driver.
+AUDIO_SAMPLE_RATE = 16_000
+MIN_AUDIO_SAMPLES = 400
+
+
 def _stream_problem(column: str, info: media.MediaInfo) -> str | None:
     if column in _AUDIO:
         if not info.has_audio:
             return "no audio stream"
         if info.audio.sample_count == 0:
             return "the audio is empty"
+        if info.audio.duration * AUDIO_SAMPLE_RATE < MIN_AUDIO_SAMPLES:  # as resampled to 16 kHz for the encoder
+            return (f"{info.audio.duration:.3f} s of audio is shorter than wav2vec2's {MIN_AUDIO_SAMPLES}-sample "
+                    f"window ({MIN_AUDIO_SAMPLES / AUDIO_SAMPLE_RATE * 1000:g} ms at "
+                    f"{AUDIO_SAMPLE_RATE / 1000:g} kHz)")
     elif not info.has_video:
         return "no picture in it (ffmpeg finds no image or video stream)"
     return None

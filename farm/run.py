@@ -12,8 +12,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from farm.actors import ActorSpec
-from farm.config import TinyModel, checkpoint_paths, model_spec, render_settings, run_root
-from farm.manifest import read_manifest, settings_for, single_job
+from farm.config import ConfigError, TinyModel, checkpoint_paths, model_spec, render_settings, run_root
+from farm.manifest import ManifestError, read_manifest, settings_for, single_job
 from farm.progress import Progress
 from farm.scheduler import Resources, RunStopped, Scheduler
 from farm.storage import RunStore
@@ -24,14 +24,19 @@ CPU_RENDERERS = 2  # on a machine without GPUs (the tiny model, tests, the demo)
 
 
 def run(cfg: DictConfig) -> int:
-    """Render every row; returns the process exit code (0: all done, 1: some rows failed)."""
+    """Render every row; returns the process exit code (0: all done, 1: some rows failed). A manifest that
+    cannot be read raises ConfigError."""
     settings = render_settings(cfg)
-    store = RunStore(run_root(cfg))
-    store.save_config(OmegaConf.to_yaml(cfg, resolve=True))
+    # Read before the run root is made: a manifest that cannot be read stops the run leaving nothing behind.
     if cfg.manifest:
-        rows, errors = read_manifest(cfg.manifest, settings)
+        try:
+            rows, errors = read_manifest(cfg.manifest, settings)
+        except ManifestError as exc:  # a config value that cannot run: the CLI reports it in one line
+            raise ConfigError(f"manifest: {exc}") from None
     else:
         rows, errors = single_job(OmegaConf.to_container(cfg.job), os.getcwd(), settings)
+    store = RunStore(run_root(cfg))
+    store.save_config(OmegaConf.to_yaml(cfg, resolve=True))
 
     results = {r["id"]: r for r in store.read_results()}
     valid_ids = {row.job.id for row in rows}

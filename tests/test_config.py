@@ -378,3 +378,16 @@ def test_cli_stops_a_bad_config_before_ray(tmp_path, bad, says):
     assert "Traceback" not in done.stderr and "ray" not in done.stderr.lower()
     assert done.stdout == "ray imported: False\n"
     assert list(tmp_path.iterdir()) == []  # no outputs/, .hydra/ or .log files
+
+
+def test_cli_stops_an_unreadable_manifest_in_one_line(tmp_path):
+    manifest = tmp_path / "broken.jsonl"
+    manifest.write_text('{"id": "a", "image": "face.png", "audio": "speech.wav"}\n{"id": "b",\n')
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env.pop("HYDRA_FULL_ERROR", None)
+    done = subprocess.run([sys.executable, "-m", "farm.cli", f"manifest={manifest}"], check=False, cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr == f"talkfarm: manifest: {manifest}: line 2: not valid JSON (Expecting property name " \
+                          f"enclosed in double quotes, column 12)\n", done.stderr
+    assert list(tmp_path.iterdir()) == [manifest]  # no run root (runs/broken) for a run that cannot start

@@ -234,6 +234,20 @@ def test_each_bad_row_gets_its_reason_and_the_good_rows_run(inputs):
     assert "steps must be a positive integer" in found["two-problems"]  # every problem, in one line
 
 
+def test_audio_shorter_than_one_wav2vec2_window_is_refused(inputs, tmp_path):
+    # 10 ms at 44.1 kHz is 441 samples, more than the window's 400, but 160 at the encoder's 16 kHz.
+    ffmpeg("-f", "lavfi", "-i", "sine=frequency=220:sample_rate=44100:duration=0.01", str(tmp_path / "blip.wav"))
+    ffmpeg("-f", "lavfi", "-i", "sine=frequency=220:sample_rate=16000:duration=0.025", str(tmp_path / "window.wav"))
+    face, speech, blip = inputs / "face.png", inputs / "speech.wav", tmp_path / "blip.wav"
+    records = [{"id": "short", "image": str(face), "audio": "blip.wav"},
+               {"id": "short-second", "image": str(face), "audio_1": str(speech), "audio_2": "blip.wav"},
+               {"id": "one-window", "image": str(face), "audio": "window.wav"}]
+    rows, errors = read_manifest(write_jsonl(tmp_path / "short.jsonl", records), BASE)
+    assert [r.job.id for r in rows] == ["one-window"]
+    too_short = "0.010 s of audio is shorter than wav2vec2's 400-sample window (25 ms at 16 kHz)"
+    assert reasons(errors) == {"short": f"audio {blip}: {too_short}", "short-second": f"audio_2 {blip}: {too_short}"}
+
+
 def test_unknown_column_fails_only_the_rows_that_fill_it(inputs):
     path = inputs / "extra.csv"
     path.write_text("id,image,audio,colour\na,face.png,speech.wav,\nb,face.png,speech.wav,red\n")
@@ -252,14 +266,15 @@ def test_each_file_is_probed_once_however_many_rows_use_it(inputs, monkeypatch):
     assert sorted(probed) == [str(inputs / "face.png"), str(inputs / "speech.wav")]
 
 
-@pytest.mark.parametrize("name, content, problem", [
+@pytest.mark.parametrize("name, content, problem", [  # `problem`: how the message goes on after the path
     ("absent.jsonl", None, "no such file"),
-    ("broken.jsonl", '{"id": "a"}\n{"id": "b",\n', "line 2: not valid JSON"),
-    ("list.jsonl", '["a", "b"]\n', "line 1: expected one JSON object"),
-    ("jobs.txt", "id\n", "unknown manifest format '.txt'"),
-    ("twice.csv", "id,id\na,b\n", "column 'id' appears more than once"),
-    ("ragged.csv", "id,image\na,b,c\n", "not a readable CSV file"),
-    ("fake.parquet", "not parquet", "not a readable Parquet file"),
+    ("broken.jsonl", '{"id": "a"}\n\n{"id": "b",\n',  # a blank line still counts as a line of the file
+     "line 3: not valid JSON (Expecting property name enclosed in double quotes, column 12)"),
+    ("list.jsonl", '{"id": "a"}\n["a", "b"]\n', "line 2: expected one JSON object {...} per line"),
+    ("jobs.txt", "id\n", "unknown manifest format '.txt'; use .jsonl, .csv, .parquet"),
+    ("twice.csv", "id,image,id\na,b,c\n", "column 'id': appears more than once (columns 1, 3)"),
+    ("ragged.csv", "id,image\na,b,c\n", "not a readable CSV file ("),
+    ("fake.parquet", "not parquet", "not a readable Parquet file ("),
 ])
 def test_unreadable_manifest_is_a_manifest_error(tmp_path, name, content, problem):
     path = tmp_path / name
@@ -267,7 +282,8 @@ def test_unreadable_manifest_is_a_manifest_error(tmp_path, name, content, proble
         path.write_text(content)
     with pytest.raises(ManifestError) as error:
         read_manifest(str(path), BASE)
-    assert str(error.value).startswith(f"{path}: ") and problem in str(error.value)
+    message = str(error.value)
+    assert message.startswith(f"{path}: {problem}") and "\n" not in message, message
 
 
 # ---------------------------------------------------------------------------------------------------------
