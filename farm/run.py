@@ -62,9 +62,7 @@ def run(cfg: DictConfig) -> int:
         progress = Progress()
         started_ray = not ray.is_initialized()  # a caller (a notebook, a test) may have started Ray already
         if started_ray:
-            local = cfg.cluster.mode == "local"
-            ray.init(address=None if local else cfg.cluster.address, **_local_resources(cfg) if local else {},
-                     include_dashboard=False, logging_level=logging.WARNING)
+            _start_ray(cfg)
         scheduler = Scheduler(_actor_spec(cfg), store.url, _resources(cfg), progress, record)
         try:
             scheduler.start()
@@ -89,6 +87,19 @@ def run(cfg: DictConfig) -> int:
         print(f"{r['id']}: {r['output']}")
     print(f"{len(done)} done, {len(failed)} failed; results: {store.results_path}")
     return 1 if failed else 0
+
+
+def _start_ray(cfg) -> None:
+    """cluster=local: a Ray of our own on this machine, whatever RAY_ADDRESS says (it is set on every Ray
+    node and after `ray start`; Ray would connect there and refuse our resources). cluster=address: the
+    cluster at cluster.address."""
+    if cfg.cluster.mode == "local":
+        if os.environ.get("RAY_ADDRESS"):
+            log.warning("cluster=local starts its own Ray on this machine; RAY_ADDRESS=%s is not used "
+                        "(cluster=address cluster.address=auto runs there)", os.environ["RAY_ADDRESS"])
+        ray.init(address="local", **_local_resources(cfg), include_dashboard=False, logging_level=logging.WARNING)
+    else:
+        ray.init(address=cfg.cluster.address, include_dashboard=False, logging_level=logging.WARNING)
 
 
 def _gpus() -> int:

@@ -3,9 +3,11 @@ renderer's job resumes elsewhere from its last window with byte-identical output
 finished rows, and malformed rows get their reasons while the rest finish."""
 
 import json
+import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -278,3 +280,19 @@ def test_a_follower_lost_after_its_leader_finished_replaces_the_group_once(ray_c
         assert scheduler.followers == {} and scheduler.rendering == {}
     finally:
         scheduler.stop()
+
+
+def test_cluster_local_starts_its_own_ray_whatever_ray_address_says(tmp_path):
+    """RAY_ADDRESS is set on every Ray node and after `ray start`: cluster=local still starts a Ray of
+    its own (and says so) instead of connecting there and failing."""
+    code = (
+        "import logging, ray, farm.run; from hydra import compose, initialize_config_module; "
+        "logging.basicConfig(level=logging.WARNING)\n"
+        "with initialize_config_module('conf', version_base=None): cfg = compose('config', overrides=['cluster.renderers=1'])\n"
+        "farm.run._start_ray(cfg); print('local Ray:', ray.get_runtime_context().gcs_address != '127.0.0.1:1'); ray.shutdown()"
+    )
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout == "local Ray: True\n", done.stderr[-2000:]
+    assert "cluster=local starts its own Ray on this machine; RAY_ADDRESS=127.0.0.1:1 is not used" in done.stderr
