@@ -4,6 +4,8 @@ after job; everything a job produces is written through the RunStore as it is pr
 """
 
 import logging
+import os
+import shutil
 import socket
 import tempfile
 import time
@@ -35,6 +37,7 @@ log = logging.getLogger(__name__)
 # A group member that stops answering (its peer died) gives up after this long; the driver replaces
 # the whole group as soon as it sees a member die, so this only bounds a hang.
 GROUP_TIMEOUT = timedelta(minutes=5)
+SCRATCH_PREFIX = "talkfarm-renderer-"  # + the renderer process's pid, under the system temp folder
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,11 @@ class Renderer:
         self.name, self.rank = name, rank
         self.models = Loaded(lambda: _load_renderer(spec, rank, world, rendezvous))
         self.store = RunStore(run_root)
-        self.scratch = Path(tempfile.mkdtemp(prefix=f"talkfarm-{name}-{rank}-"))
+        self.scratch = renderer_scratch()
+
+    def close(self) -> None:
+        """Remove the scratch folder; the driver calls it before it kills the renderer at the run's end."""
+        shutil.rmtree(self.scratch, ignore_errors=True)
 
     def render(self, job: Job, inputs: JobInputs, settings: RenderSettings, attempt: int):
         """Render the job from its last stored window on; yields a progress event after every window
@@ -110,22 +117,50 @@ class Renderer:
             stored = self.store.load_state(job.id)
             names = list(stored.segments) if stored else []
             state = stored or ResumeState()
-            workdir = self.scratch / job.id
+            workdir = self.scratch / job.id  # removed after the job, however it ends
             started = time.time()
-            for report in render_windows(models, job, inputs, settings, workdir, state):
-                if self.rank > 0:
+            try:
+                for report in render_windows(models, job, inputs, settings, workdir, state):
+                    if self.rank > 0:
+                        Path(report.state.segments[-1]).unlink()
+                        continue
+                    names.append(self.store.put_segment(job.id, report.state.segments[-1]))
+                    self.store.save_state(job.id, report.state, names)
+                    finished = time.time()
+                    self.store.append_window_log(job.id, {
+                        "window": report.window.index, "attempt": attempt, "actor": self.name,
+                        "host": socket.gethostname(), "started": started, "finished": finished,
+                        "seconds": finished - started,
+                    })
                     Path(report.state.segments[-1]).unlink()
-                    continue
-                names.append(self.store.put_segment(job.id, report.state.segments[-1]))
-                self.store.save_state(job.id, report.state, names)
-                finished = time.time()
-                self.store.append_window_log(job.id, {
-                    "window": report.window.index, "attempt": attempt, "actor": self.name, "host": socket.gethostname(),
-                    "started": started, "finished": finished, "seconds": finished - started,
-                })
-                Path(report.state.segments[-1]).unlink()
-                started = finished
-                yield {"job": job.id, "window": report.window.index + 1, "windows": report.windows, "actor": self.name}
+                    started = finished
+                    yield {"job": job.id, "window": report.window.index + 1, "windows": report.windows, "actor": self.name}
+            finally:
+                shutil.rmtree(workdir, ignore_errors=True)
+
+
+def renderer_scratch() -> Path:
+    """This renderer process's scratch folder (SCRATCH_PREFIX + pid), made empty; the folders of renderer
+    processes that are gone (killed, as ray.kill does, with no chance to clean up) are removed first."""
+    root = Path(tempfile.gettempdir())
+    for folder in root.glob(f"{SCRATCH_PREFIX}*"):
+        pid = folder.name.removeprefix(SCRATCH_PREFIX)
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+    scratch = root / f"{SCRATCH_PREFIX}{os.getpid()}"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    return scratch
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _load_renderer(spec: ActorSpec, rank: int, world: int, rendezvous: str) -> Models:

@@ -35,6 +35,8 @@ from pipeline.job import RenderSettings
 
 log = logging.getLogger(__name__)
 
+CLOSE_TIMEOUT_S = 10  # for idle renderers to remove their scratch folders when the run ends
+
 
 class RunStopped(RuntimeError):
     """A worker could not start; the message says which and why, in one line."""
@@ -135,6 +137,11 @@ class Scheduler:
             self.idle.append(self._spawn(size))
 
     def stop(self) -> None:
+        # Let idle renderers remove their scratch folders first; a busy or dead one is killed as it is,
+        # and the next renderer to start on its machine removes what it left.
+        closing = [actor.close.remote() for group in self.idle for actor in group.actors]
+        if closing:
+            ray.wait(closing, num_returns=len(closing), timeout=CLOSE_TIMEOUT_S)
         for group in self.groups:
             group.kill()
         for actor in self.encoders:

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 import ray
 from hydra import compose, initialize_config_module
 
-from farm.actors import ActorSpec
+from farm.actors import SCRATCH_PREFIX, ActorSpec, renderer_scratch
 from farm.progress import Progress
 from farm.run import run
 from farm.scheduler import Resources, Scheduler
@@ -296,3 +297,17 @@ def test_cluster_local_starts_its_own_ray_whatever_ray_address_says(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout == "local Ray: True\n", done.stderr[-2000:]
     assert "cluster=local starts its own Ray on this machine; RAY_ADDRESS=127.0.0.1:1 is not used" in done.stderr
+
+
+def test_a_renderer_scratch_folder_replaces_those_of_renderers_that_are_gone(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid no process has now, as after ray.kill
+    stale = tmp_path / f"{SCRATCH_PREFIX}{gone.pid}"
+    (stale / "job" / "segment-00000.mp4").parent.mkdir(parents=True)
+    (stale / "job" / "segment-00000.mp4").write_bytes(b"left by a killed renderer")
+    alive = tmp_path / f"{SCRATCH_PREFIX}{os.getppid()}"  # another renderer, still running
+    alive.mkdir()
+    scratch = renderer_scratch()
+    assert scratch == tmp_path / f"{SCRATCH_PREFIX}{os.getpid()}" and scratch.is_dir()
+    assert not stale.exists() and alive.is_dir()
