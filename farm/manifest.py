@@ -4,6 +4,7 @@ A manifest is JSONL, CSV or Parquet (chosen by its suffix: .jsonl, .csv, .parque
 fsspec URL (s3://..., gs://..., memory://...). One row per job:
 
     id                 required, unique; names the job's state folder, so it must be a plain file name
+                       of at most MAX_NAME_BYTES bytes (UTF-8), as must `output`
     image | video      exactly one: a face image, or a video to dub
     audio              the speech (audio_1 is another name for it) ...
     audio_2            ... and a second speaker's, for two speakers, with
@@ -24,9 +25,9 @@ Rules, the same in every format:
   relative to the manifest's folder, also when the manifest is at a URL (s3://b/jobs/m.csv + face.png
   -> s3://b/jobs/face.png).
 - Local media are probed with ffmpeg (pipeline.media.probe): audio must have an audio stream at least
-  one wav2vec2 window long, an image or video a picture, boxes must lie inside it. Remote media are only
-  checked to exist: probing them would mean downloading every input before the first job starts; the
-  renderer's own reads catch the rest.
+  one wav2vec2 window long, an image or video a picture at least MIN_SIDE pixels on each side, boxes must
+  lie inside it. Remote media are only checked to exist: probing them would mean downloading every input
+  before the first job starts; the renderer's own reads catch the rest.
 - A row's `row` is its 1-based position among the manifest's rows (JSONL: blank lines are not rows).
 
 A bad row becomes a RowError with every problem found in it, joined in one line; the good rows run.
@@ -250,12 +251,23 @@ def _number(value, column: str) -> float:
     return number
 
 
+# The longest id or output, in bytes of UTF-8: file systems (ext4, XFS, btrfs, APFS) allow 255-byte names, and
+# the longest names the farm derives from them are the published output's temporary file (farm.storage),
+# `.<id>.mp4.<12-hex token>.tmp` by default (22 bytes more than the id) or `.<output>.<token>.tmp` (18 more);
+# 200 leaves room for those and a margin. Refused here, a long id costs nothing; once scheduled it failed
+# every retry with "File name too long".
+MAX_NAME_BYTES = 200
+
+
 def _file_name(value, column: str) -> str:
     """A plain file name: the run's storage keeps a job's state and its output under these names."""
     name = _text(value, column)
     if name in (".", "..") or any(c in "/\\" or not c.isprintable() for c in name):
         raise _Invalid(f"{column}: {name!r} must be a plain file name (no '/', '\\' or control characters, "
                        f"not '.' or '..')")
+    if (size := len(name.encode())) > MAX_NAME_BYTES:  # the name itself is left out: it would swamp the reason
+        raise _Invalid(f"{column}: {size} bytes is longer than the {MAX_NAME_BYTES} allowed (it becomes a file "
+                       f"name)")
     return name
 
 
@@ -475,6 +487,12 @@ def _inspect(path: str) -> tuple[media.MediaInfo | None, str | None]:
 AUDIO_SAMPLE_RATE = 16_000
 MIN_AUDIO_SAMPLES = 400
 
+# The smallest image or video accepted, in pixels on each side. Any source is resized to cover the output
+# size (320 px or more a side in the 480p buckets) and CLIP sees it at 224x224, so a 64 px side is already
+# upscaled 3.5-5x: a smaller one renders without an error, but as a blur, after all the job's GPU time (it
+# is mostly a thumbnail or placeholder given by mistake). 64 px is also 4 latent patches (VAE /8, DiT /2).
+MIN_SIDE = 64
+
 
 def _stream_problem(column: str, info: media.MediaInfo) -> str | None:
     if column in _AUDIO:
@@ -488,4 +506,7 @@ def _stream_problem(column: str, info: media.MediaInfo) -> str | None:
                     f"{AUDIO_SAMPLE_RATE / 1000:g} kHz)")
     elif not info.has_video:
         return "no picture in it (ffmpeg finds no image or video stream)"
+    elif min(info.frame_size()) < MIN_SIDE:
+        height, width = info.frame_size()
+        return f"{width}x{height} is smaller than the minimum {MIN_SIDE}x{MIN_SIDE}"
     return None

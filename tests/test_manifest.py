@@ -28,14 +28,15 @@ def ffmpeg(*args: str) -> None:
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> Path:
-    """face.png (64x48), speech.wav, talk.mp4 (video + audio), silent.mp4 (no audio), notes.wav (text)."""
+    """face.png, speech.wav, talk.mp4 (video + audio), silent.mp4 (no audio), notes.wav (text); the pictures
+    are 64x64, the minimum size."""
     d = tmp_path_factory.mktemp("inputs")
-    Image.new("RGB", (64, 48), (200, 150, 120)).save(d / "face.png")
+    Image.new("RGB", (64, 64), (200, 150, 120)).save(d / "face.png")
     ffmpeg("-f", "lavfi", "-i", "sine=frequency=220:sample_rate=16000:duration=0.5", str(d / "speech.wav"))
-    ffmpeg("-f", "lavfi", "-i", "testsrc2=size=64x48:rate=25:duration=0.4", "-f", "lavfi", "-i",
+    ffmpeg("-f", "lavfi", "-i", "testsrc2=size=64x64:rate=25:duration=0.4", "-f", "lavfi", "-i",
            "sine=frequency=330:sample_rate=16000:duration=0.4", "-c:v", "libx264", "-pix_fmt", "yuv420p",
            "-c:a", "aac", str(d / "talk.mp4"))
-    ffmpeg("-f", "lavfi", "-i", "testsrc2=size=64x48:rate=25:duration=0.4", "-c:v", "libx264",
+    ffmpeg("-f", "lavfi", "-i", "testsrc2=size=64x64:rate=25:duration=0.4", "-c:v", "libx264",
            str(d / "silent.mp4"))
     (d / "notes.wav").write_text("not audio at all\n")
     return d
@@ -246,6 +247,43 @@ def test_audio_shorter_than_one_wav2vec2_window_is_refused(inputs, tmp_path):
     assert [r.job.id for r in rows] == ["one-window"]
     too_short = "0.010 s of audio is shorter than wav2vec2's 400-sample window (25 ms at 16 kHz)"
     assert reasons(errors) == {"short": f"audio {blip}: {too_short}", "short-second": f"audio_2 {blip}: {too_short}"}
+
+
+def test_a_picture_smaller_than_the_minimum_is_refused(inputs, tmp_path):
+    Image.new("RGB", (4, 4)).save(tmp_path / "dot.png")
+    Image.new("RGB", (100, 63)).save(tmp_path / "strip.png")  # one side short is enough
+    ffmpeg("-f", "lavfi", "-i", "testsrc2=size=48x48:rate=25:duration=0.2", "-c:v", "libx264",
+           str(tmp_path / "tiny.mp4"))
+    speech = str(inputs / "speech.wav")
+    records = [{"id": "dot", "image": "dot.png", "audio": speech},
+               {"id": "strip", "image": "strip.png", "audio": speech},
+               {"id": "tiny", "video": "tiny.mp4", "audio": speech},
+               {"id": "at-image", "image": str(inputs / "face.png"), "audio": speech},  # 64x64, the minimum
+               {"id": "at-video", "video": str(inputs / "talk.mp4"), "audio": speech}]
+    rows, errors = read_manifest(write_jsonl(tmp_path / "small.jsonl", records), BASE)
+    assert [r.job.id for r in rows] == ["at-image", "at-video"]
+    assert reasons(errors) == {
+        "dot": f"image {tmp_path / 'dot.png'}: 4x4 is smaller than the minimum 64x64",
+        "strip": f"image {tmp_path / 'strip.png'}: 100x63 is smaller than the minimum 64x64",
+        "tiny": f"video {tmp_path / 'tiny.mp4'}: 48x48 is smaller than the minimum 64x64"}
+
+
+def test_an_id_or_output_too_long_for_a_file_name_is_refused(inputs):
+    ok = {"image": "face.png", "audio": "speech.wav"}
+    records = [{"id": "a" * 300, **ok},
+               {"id": "é" * 101, **ok},  # 101 characters, but 202 bytes of UTF-8: file names are limited in bytes
+               {"id": "long-output", **ok, "output": "o" * 197 + ".mp4"},
+               {"id": "b" * 200, **ok},  # exactly the limit
+               {"id": "c", **ok, "output": "o" * 196 + ".mp4"}]
+    rows, errors = read_manifest(write_jsonl(inputs / "long.jsonl", records), BASE)
+    too_long = "id: 300 bytes is longer than the 200 allowed (it becomes a file name)"
+    assert [r.job.id for r in rows] == ["b" * 200, "c"] and rows[0].output == "b" * 200 + ".mp4"
+    assert [(e.row, e.id, e.reason) for e in errors] == [
+        (1, None, too_long),
+        (2, None, "id: 202 bytes is longer than the 200 allowed (it becomes a file name)"),
+        (3, "long-output", "output: 201 bytes is longer than the 200 allowed (it becomes a file name)")]
+    rows, errors = single_job({"id": "a" * 300, **ok}, str(inputs), BASE)
+    assert rows == [] and [e.reason for e in errors] == [too_long]
 
 
 def test_unknown_column_fails_only_the_rows_that_fill_it(inputs):
