@@ -53,7 +53,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from pipeline import media
-from pipeline.job import Box, Job, JobError, RenderSettings, SettingError
+from pipeline.job import MIN_AUDIO_SAMPLES, SAMPLE_RATE, Box, Job, JobError, RenderSettings, SettingError
 
 
 class ManifestError(ValueError):
@@ -480,13 +480,6 @@ def _inspect(path: str) -> tuple[media.MediaInfo | None, str | None]:
         return None, f"cannot check it ({type(e).__name__}: {e})"
 
 
-# The audio encoder's input rate, and the shortest audio it can encode: wav2vec2's conv feature extractor
-# (kernels 10,3,3,3,3,2,2, strides 5,2,2,2,2,2,2) has a 400-sample receptive field, so shorter audio gives
-# it no frame at all and the encoder fails, on every retry alike. pipeline.models.audio (SAMPLE_RATE) is
-# not imported for this: it brings torch and transformers into the driver.
-AUDIO_SAMPLE_RATE = 16_000
-MIN_AUDIO_SAMPLES = 400
-
 # The smallest image or video accepted, in pixels on each side. Any source is resized to cover the output
 # size (320 px or more a side in the 480p buckets) and CLIP sees it at 224x224, so a 64 px side is already
 # upscaled 3.5-5x: a smaller one renders without an error, but as a blur, after all the job's GPU time (it
@@ -500,10 +493,11 @@ def _stream_problem(column: str, info: media.MediaInfo) -> str | None:
             return "no audio stream"
         if info.audio.sample_count == 0:
             return "the audio is empty"
-        if info.audio.duration * AUDIO_SAMPLE_RATE < MIN_AUDIO_SAMPLES:  # as resampled to 16 kHz for the encoder
+        # As resampled for the encoder; shorter fails the encoder on every retry alike.
+        if info.audio.duration * SAMPLE_RATE < MIN_AUDIO_SAMPLES:
             return (f"{info.audio.duration:.3f} s of audio is shorter than wav2vec2's {MIN_AUDIO_SAMPLES}-sample "
-                    f"window ({MIN_AUDIO_SAMPLES / AUDIO_SAMPLE_RATE * 1000:g} ms at "
-                    f"{AUDIO_SAMPLE_RATE / 1000:g} kHz)")
+                    f"window ({MIN_AUDIO_SAMPLES / SAMPLE_RATE * 1000:g} ms at "
+                    f"{SAMPLE_RATE / 1000:g} kHz)")
     elif not info.has_video:
         return "no picture in it (ffmpeg finds no image or video stream)"
     elif min(info.frame_size()) < MIN_SIDE:

@@ -15,6 +15,10 @@ if TYPE_CHECKING:
     import torch
 
 FPS = 25  # InfiniteTalk's video frame rate: the windows, the audio features and every output
+SAMPLE_RATE = 16_000  # the speech encoder's (wav2vec2's) input rate; speech is decoded at this rate
+# The shortest speech wav2vec2 can encode: its conv feature extractor (kernels 10,3,3,3,3,2,2, strides
+# 5,2,2,2,2,2,2) has a 400-sample receptive field, so shorter audio gives it no frame at all.
+MIN_AUDIO_SAMPLES = 400
 
 # The official default negative prompt (wan/configs/wan_multitalk_14B.py).
 DEFAULT_NEGATIVE_PROMPT = (

@@ -23,7 +23,7 @@ import types
 _EXPORTS = {
     **dict.fromkeys(("MediaError", "PathLike", "ffmpeg_binary"), "process"),
     **dict.fromkeys(("AudioStream", "MediaInfo", "VideoStream", "probe", "video_frame_count"), "probe"),
-    **dict.fromkeys(("AUDIO_SAMPLE_RATE", "WHITE", "iter_video_frames", "read_audio", "read_image",
+    **dict.fromkeys(("WHITE", "iter_video_frames", "read_audio", "read_image",
                      "read_video_frames"), "read"),
     **dict.fromkeys(("BUCKETS", "choose_size", "fit_to"), "sizes"),
     **dict.fromkeys(("combine_audio", "concat_segments", "write_video"), "write"),

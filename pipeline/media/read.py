@@ -14,11 +14,10 @@ from pipeline.media.probe import _dump, video_frame_count
 from pipeline.media.process import (MediaError, PathLike, _FFmpeg, _WavDecoder, _command, _file_url, _passthrough,
                                     _require_file, ffmpeg_binary)
 from pipeline.media.sizes import fit_to
-from pipeline.job import FPS
+from pipeline.job import FPS, SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 
-AUDIO_SAMPLE_RATE = 16_000
 WHITE = (255, 255, 255)
 
 
@@ -201,7 +200,7 @@ def _frames_to_tensor(frames: list[np.ndarray], size: tuple[int, int] | None) ->
 # --------------------------------------------------------------------------------------------------------
 
 
-def read_audio(path: PathLike, sample_rate: int | None = AUDIO_SAMPLE_RATE, mono: bool = True) -> np.ndarray:
+def read_audio(path: PathLike, sample_rate: int | None = SAMPLE_RATE, mono: bool = True) -> np.ndarray:
     """The first audio stream of any file ffmpeg reads (wav, mp3, m4a, flac, ogg, the track of a video) as
     float32 in [-1, 1]: [S] when mono (the mean of the channels, as librosa's mono=True), else [C, S].
 

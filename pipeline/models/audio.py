@@ -18,9 +18,8 @@ import torch
 import torch.nn.functional as F
 from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
-from pipeline.job import FPS
+from pipeline.job import FPS, MIN_AUDIO_SAMPLES, SAMPLE_RATE
 
-SAMPLE_RATE = 16_000
 
 
 def feature_frames(num_samples: int) -> int:
@@ -89,7 +88,8 @@ class AudioEncoder:
             raise ValueError(f"expected mono samples of shape [S], got shape {tuple(samples_16k.shape)}")
         num_samples = samples_16k.shape[0]
         if self.model._get_feat_extract_output_lengths(num_samples) < 1:
-            raise ValueError(f"{num_samples} samples is shorter than wav2vec2's 400-sample (25 ms) receptive field")
+            raise ValueError(f"{num_samples} samples is shorter than wav2vec2's {MIN_AUDIO_SAMPLES}-sample "
+                             f"({MIN_AUDIO_SAMPLES / SAMPLE_RATE * 1000:g} ms) receptive field")
 
         x = samples_16k.to(self.model.device, self.model.dtype)[None]  # [1, S]
         if self.normalize_input:
