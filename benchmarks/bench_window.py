@@ -80,6 +80,7 @@ from pipeline.kernels.compile import compile_blocks, compile_problem  # noqa: E4
 from pipeline.kernels.offload import offload_blocks, offload_problem  # noqa: E402
 from pipeline.models.checkpoints import Models  # noqa: E402
 from pipeline.models.tiny import TINY_VAE  # noqa: E402
+from pipeline.timing import StageClock  # noqa: E402
 from pipeline.models.vae import VAETiling, WanVAE, latent_frames  # noqa: E402
 from pipeline.parallel import apply_sequence_parallel  # noqa: E402
 from pipeline.render import JobInputs, WindowRenderer  # noqa: E402
@@ -416,7 +417,7 @@ class WindowBench:
         self.together()
         self.reset_peak()
         marks["start"] = time.perf_counter()
-        frames = renderer.render(window, self.motion)
+        frames = renderer.render(window, self.motion, StageClock(self.device))  # its own phases are timed here
         vae.decode = decode
 
         self.reset_peak()

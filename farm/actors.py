@@ -20,6 +20,7 @@ import torch.distributed as dist
 from farm.errors import Loaded, as_worker_error
 from farm.localize import local_copies
 from farm.storage import RunStore
+from farm.timings import job_timings
 from pipeline.assemble import ModelSpec, build_renderer
 from pipeline.job import FPS, Job, RenderSettings, ResumeState
 from pipeline.models.checkpoints import CheckpointPaths, Models, load_models
@@ -81,9 +82,12 @@ class Encoder:
     def encode(self, job: Job, settings: RenderSettings) -> tuple[dict, JobInputs]:
         """(a small summary for the scheduler, the inputs for the renderer)."""
         models = self.models.get()
+        started = time.perf_counter()
         with as_worker_error(), local_copies(job) as local_job:
             inputs = encode_job(models, local_job, settings)
-        return {"frames": inputs.num_frames, "windows": len(plan_for(inputs.num_frames, settings))}, inputs
+        meta = {"frames": inputs.num_frames, "windows": len(plan_for(inputs.num_frames, settings)),
+                "encode_seconds": time.perf_counter() - started}
+        return meta, inputs
 
 
 def _load_encoders(spec: ActorSpec) -> Models:
@@ -99,7 +103,7 @@ class Renderer:
     members run the same window loop in lockstep (pipeline.parallel), rank 0 stores and reports."""
 
     def __init__(self, spec: ActorSpec, run_root: str, name: str, rank: int = 0, world: int = 1, rendezvous: str = ""):
-        self.name, self.rank = name, rank
+        self.name, self.rank, self.world = name, rank, world
         self.models = Loaded(lambda: _load_renderer(spec, rank, world, rendezvous))
         self.store = RunStore(run_root)
         self.scratch = renderer_scratch()
@@ -124,13 +128,16 @@ class Renderer:
                     if self.rank > 0:
                         Path(report.state.segments[-1]).unlink()
                         continue
+                    stored_from = time.perf_counter()
                     names.append(self.store.put_segment(job.id, report.state.segments[-1]))
                     self.store.save_state(job.id, report.state, names)
                     finished = time.time()
                     self.store.append_window_log(job.id, {
                         "window": report.window.index, "attempt": attempt, "actor": self.name,
-                        "host": socket.gethostname(), "started": started, "finished": finished,
-                        "seconds": finished - started,
+                        "host": socket.gethostname(), "devices": self.world, "started": started,
+                        "finished": finished, "seconds": finished - started,
+                        "stages": report.stages | {"store": time.perf_counter() - stored_from},
+                        "steps": list(report.steps), **report.memory,
                     })
                     Path(report.state.segments[-1]).unlink()
                     started = finished
@@ -181,6 +188,8 @@ def finish(job: Job, inputs: JobInputs, output_name: str, run_root: str) -> dict
 
 
 def _finish(job: Job, inputs: JobInputs, output_name: str, run_root: str) -> dict:
+    """The finished row's columns: where the output is, its length, and the job's timings."""
+    started = time.perf_counter()
     store = RunStore(run_root)
     state = store.load_state(job.id)
     with tempfile.TemporaryDirectory(prefix="talkfarm-finish-") as tmp, local_copies(job) as local_job:
@@ -188,4 +197,6 @@ def _finish(job: Job, inputs: JobInputs, output_name: str, run_root: str) -> dic
         segments = store.fetch_segments(job.id, state.segments, tmp)
         local = finish_job(local_job, ResumeState(state.next_window, None, [str(s) for s in segments]), inputs, tmp / "out.mp4", tmp)
         url = store.publish_output(local, output_name)
-    return {"output": url, "frames": inputs.num_frames, "duration": inputs.num_frames / FPS}
+    duration = inputs.num_frames / FPS
+    return {"output": url, "frames": inputs.num_frames, "duration": duration,
+            **job_timings(store.read_window_log(job.id), duration), "finish_seconds": time.perf_counter() - started}

@@ -66,9 +66,11 @@ def run(cfg: DictConfig) -> int:
         scheduler = Scheduler(_actor_spec(cfg), store.url, _resources(cfg), progress, record)
         try:
             scheduler.start()
-            scheduler.run(todo)
+            scheduler.run(todo, earlier=dict(results))
         except KeyboardInterrupt:
             progress.close()
+            results |= {row["id"]: row for row in scheduler.interrupted()}
+            store.write_results(list(results.values()))
             log.warning("interrupted: every finished window is stored; run the same command again to resume")
             return 130
         except RunStopped as stopped:

@@ -18,6 +18,7 @@ The scheduler's memory is a cache: everything a job needs to resume is in the Ru
 import logging
 import time
 import uuid
+from datetime import UTC, datetime
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from farm.actors import ActorSpec, Encoder, Renderer, finish
 from farm.errors import WorkerError
 from farm.manifest import ManifestRow
+from farm.storage import RunStore
 from farm.progress import Progress
 from pipeline.job import RenderSettings
 
@@ -59,8 +61,10 @@ class Resources:
 class Task:
     row: ManifestRow
     settings: RenderSettings
-    attempts: int = 0
-    meta: dict | None = None  # from the encoder: frames, windows
+    attempts: int = 0  # failed attempts in this run (the retry budget counts these)
+    earlier_attempts: int = 0  # from earlier runs of the command, for a row resumed here
+    earlier_seconds: float = 0.0
+    meta: dict | None = None  # from the encoder: frames, windows, encode_seconds
     inputs: object = None  # ObjectRef of the JobInputs
     started: float | None = None
     actor: str | None = None
@@ -100,7 +104,8 @@ class RendererGroup:
     def render(self, task: Task) -> tuple[object, list]:
         """Start the task on every member: (rank 0's generator of window events, the others')."""
         leader, *others = (
-            actor.render.remote(task.row.job, task.inputs, task.settings, task.attempts + 1) for actor in self.actors
+            actor.render.remote(task.row.job, task.inputs, task.settings, task.earlier_attempts + task.attempts + 1)
+            for actor in self.actors
         )
         return leader, others
 
@@ -175,8 +180,13 @@ class Scheduler:
 
     # ------------------------------------------------------------------------------------------ the loop
 
-    def run(self, rows: list[tuple[ManifestRow, RenderSettings]]) -> None:
-        self.to_encode.extend(Task(row, settings) for row, settings in rows)
+    def run(self, rows: list[tuple[ManifestRow, RenderSettings]], earlier: dict[str, dict]) -> None:
+        """Render `rows`; `earlier` holds the results rows of earlier runs by id, whose attempts and
+        seconds a resumed row adds to its own."""
+        for row, settings in rows:
+            before = earlier.get(row.job.id, {})
+            self.to_encode.append(Task(row, settings, earlier_attempts=before.get("attempts") or 0,
+                                       earlier_seconds=before.get("seconds") or 0.0))
         self.progress.start(len(rows))
         while self.to_encode or self.encoding or self.ready or self.rendering or self.followers or self.finishing:
             self._dispatch()
@@ -221,6 +231,7 @@ class Scheduler:
             task.inputs = None
             self._fail_or_retry(task, error, context, worker=f"encoder {slot}")
             return
+        self.progress.planned(task.id, task.meta["windows"])
         self.ready.append(task)
 
     def _on_window(self, ref) -> None:
@@ -278,7 +289,7 @@ class Scheduler:
             self._fail_or_retry(task, error)
             return
         self.progress.job_done(task.id)
-        self.on_result(self._row(task, "done", **result))
+        self.on_result(self._row(task, "done", True, **result))
 
     def _fail_or_retry(self, task: Task, error: BaseException, context: str = "", worker: str = "a worker") -> None:
         """Fail the row (with a one-line reason) or queue it again, as the error allows."""
@@ -293,18 +304,34 @@ class Scheduler:
             reason = cause.reason if isinstance(cause, WorkerError) else _first_line(cause)
             reason = f"{context}: {reason}" if context else reason
             self.progress.job_failed(task.id, reason)
-            self.on_result(self._row(task, "failed", error=reason))
+            self.on_result(self._row(task, "failed", False, error=reason))
         else:
             log.warning("job %s: attempt %d failed (%s); retrying", task.id, task.attempts, type(cause).__name__)
             self.to_encode.appendleft(task) if task.inputs is None else self.ready.insert(0, task)
 
-    def _row(self, task: Task, status: str, **fields) -> dict:
+    def interrupted(self) -> list[dict]:
+        """Rows for the jobs that had started and not ended when the run was stopped, with the window a
+        re-run starts them at (from the store: the renderer may have stored windows not yet reported)."""
+        running = [task for task, _ in self.rendering.values()] + list(self.finishing.values())
+        waiting = [*self.ready, *self.to_encode, *(task for task, _ in self.encoding.values())]
+        store = RunStore(self.run_root)
+        rows = []
+        for task, attempt_running in [(t, True) for t in running] + [(t, False) for t in waiting if t.started]:
+            state = store.load_state(task.id)
+            rows.append(self._row(task, "interrupted", attempt_running, next_window=state.next_window if state else 0))
+        return rows
+
+    def _row(self, task: Task, status: str, attempt_running: bool, **fields) -> dict:
+        """The task's results row: what the scheduler knows, then `fields` (the finish task's columns, or
+        the error), with the attempts and seconds of earlier runs added in. attempt_running: the attempt
+        under way counts too (a failed one is already counted)."""
         meta = task.meta or {}
+        seconds = time.time() - task.started if task.started else 0.0
         return {
-            "id": task.id, "status": status, "error": fields.get("error"), "output": fields.get("output"),
-            "frames": fields.get("frames", meta.get("frames")), "duration": fields.get("duration"),
-            "windows": meta.get("windows"), "seconds": time.time() - task.started if task.started else None,
-            "actor": task.actor, "attempts": task.attempts + (status == "done"),
+            "id": task.id, "status": status, "frames": meta.get("frames"), "windows": meta.get("windows"),
+            "encode_seconds": meta.get("encode_seconds"), "actor": task.actor,
+            "attempts": task.earlier_attempts + task.attempts + attempt_running,
+            "seconds": (task.earlier_seconds + seconds) or None, "finished": datetime.now(UTC), **fields,
         }
 
 

@@ -29,21 +29,31 @@ import pyarrow.parquet as pq
 import safetensors.torch
 from fsspec.implementations.local import LocalFileSystem
 
+from farm.timings import STAGES
 from pipeline.job import ResumeState
 
 RESULTS_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
-        ("status", pa.string()),  # done / failed / ... as the scheduler names them
+        ("status", pa.string()),  # done / failed / interrupted (Ctrl-C while it rendered: a re-run resumes it)
         ("error", pa.string()),  # the one-line reason a row failed, for the user to act on
         ("output", pa.string()),  # where the published mp4 is (publish_output's return value)
         ("frames", pa.int64()),  # video frames, 25 fps
         ("duration", pa.float64()),  # seconds of video (= of speech)
         ("windows", pa.int64()),
-        ("seconds", pa.float64()),  # wall time spent rendering, over all attempts
+        ("seconds", pa.float64()),  # wall time from the job's start on a renderer to its end, summed over runs
         ("actor", pa.string()),  # the actor that finished the job
-        ("attempts", pa.int64()),  # > 1 when the job was resumed or retried: worth a look
+        ("attempts", pa.int64()),  # over all runs; > 1 when the job was resumed or retried: worth a look
         ("finished", pa.timestamp("ms", tz="UTC")),  # when the row reached its status (parquet has no "s" unit)
+        ("next_window", pa.int64()),  # an interrupted row: the window a re-run starts at
+        # Done rows, from the window log (farm/timings.py): seconds per stage over every window rendered,
+        # in every run; the stages sum to at most render_seconds (the rest is the loop's own work).
+        ("encode_seconds", pa.float64()),  # T5, CLIP and wav2vec2 on the encoder (the last encode)
+        ("render_seconds", pa.float64()),
+        ("first_window_seconds", pa.float64()),
+        *((f"{stage}_seconds", pa.float64()) for stage in STAGES),
+        ("finish_seconds", pa.float64()),  # concatenation, mux, verification, upload
+        ("device_seconds_per_video_second", pa.float64()),  # GPU-seconds per second of video on GPUs
     ]
 )
 REQUIRED_COLUMNS = ("id", "status")

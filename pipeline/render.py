@@ -28,6 +28,7 @@ from pipeline.models.dit import pad_text
 from pipeline.models.vae import latent_frames
 from pipeline.sampler import APG, COND, DROP_AUDIO, DROP_TEXT, guidance_passes, guide, make_sampler
 from pipeline.speakers import arrange_speakers, speaker_masks
+from pipeline.timing import StageClock
 from pipeline.windows import Window, frames_for_duration, pad_features, plan_windows, total_frames, window_audio
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,9 @@ class WindowReport:
     windows: int  # how many windows the job has
     timesteps: tuple[float, ...]
     state: ResumeState
+    stages: dict[str, float]  # seconds per stage (StageClock): conditioning (when encoded), dit, decode, color, segment, motion
+    steps: tuple[float, ...]  # seconds of each sampling step (their sum is stages["dit"])
+    memory: dict[str, int]  # the device's peak_allocated and peak_reserved bytes during the window (CUDA only)
     frames: torch.Tensor | None = None  # with keep_frames: [T, 3, H, W] all the decoded, colour-matched frames, on the CPU
 
 
@@ -189,11 +193,12 @@ class WindowRenderer:
         return guide(velocities, self.settings.text_scale, self.settings.audio_scale, apg)
 
     @torch.no_grad()
-    def render(self, window: Window, motion: torch.Tensor) -> torch.Tensor:
+    def render(self, window: Window, motion: torch.Tensor, clock: StageClock) -> torch.Tensor:
         """Sample one window with `motion` ([1, 16, m, h, w], clean) fixed at its start; returns the
-        decoded frames [T, 3, H, W] in [-1, 1]."""
+        decoded frames [T, 3, H, W] in [-1, 1]. Its stages are timed on `clock`."""
         ref_index = window.index if len(self.inputs.references) > 1 else 0
-        y = self.conditioning(ref_index, window.length).to(self.device, self.dtype)
+        with clock.stage("conditioning"):  # a VAE encode for a new reference, else a cached slice
+            y = self.conditioning(ref_index, window.length).to(self.device, self.dtype)
         clip_tokens = self.inputs.clip_tokens[ref_index : ref_index + 1].to(self.device)
         audio = torch.stack([window_audio(track, window) for track in self.inputs.audio])[None].to(self.device)
         shape = (1, 16, latent_frames(window.length), *y.shape[-2:])
@@ -205,11 +210,13 @@ class WindowRenderer:
         m = motion.shape[2]
         motion = motion.to(self.device, x.dtype)
         for i, t in enumerate(self.sampler.timesteps):
-            x[:, :, :m] = motion
-            v = self.velocity(x, t, y, clip_tokens, audio, apg)
-            x = self.sampler.step(i, x, v.to(x.dtype))
-            x[:, :, :m] = motion
-        return self.vae.decode(x)[0].transpose(0, 1)  # [T, 3, H, W]
+            with clock.stage("dit"):  # one sampling step
+                x[:, :, :m] = motion
+                v = self.velocity(x, t, y, clip_tokens, audio, apg)
+                x = self.sampler.step(i, x, v.to(x.dtype))
+                x[:, :, :m] = motion
+        with clock.stage("decode"):
+            return self.vae.decode(x)[0].transpose(0, 1)  # [T, 3, H, W]
 
 
 def render_windows(
@@ -232,22 +239,28 @@ def render_windows(
     colour_reference = inputs.references[0]
     motion = state.motion_latents
     for window in plan[state.next_window :]:
+        clock = StageClock(renderer.device)
         if motion is None:
             # The first window opens on the reference frame itself: its latent is the first latent
-            # frame of the conditioning (the VAE is causal), which the renderer has already encoded.
-            motion = renderer.conditioning(0, window.length)[0, 4:, :1]
-        frames = renderer.render(window, motion[None])
-        frames = match_colors(frames, colour_reference.to(frames.device), settings.color_match, settings.color_strength)
+            # frame of the conditioning (the VAE is causal), which the renderer encodes here.
+            with clock.stage("conditioning"):
+                motion = renderer.conditioning(0, window.length)[0, 4:, :1]
+        frames = renderer.render(window, motion[None], clock)
+        with clock.stage("color"):
+            frames = match_colors(frames, colour_reference.to(frames.device), settings.color_match, settings.color_strength)
 
         keep = frames[window.new_from : window.new_from + min(window.new_frames, inputs.num_frames - window.start - window.new_from)]
         segment = workdir / f"segment-{window.index:05d}.mp4"
-        media.write_video(segment, keep, fps=FPS, crf=settings.crf)
+        with clock.stage("segment"):
+            media.write_video(segment, keep, fps=FPS, crf=settings.crf)
         motion = None
         if window.index + 1 < len(plan):
-            motion = models.vae.encode(frames[-settings.motion :].transpose(0, 1)[None])[0].cpu()
+            with clock.stage("motion"):
+                motion = models.vae.encode(frames[-settings.motion :].transpose(0, 1)[None])[0].cpu()
         state = ResumeState(window.index + 1, motion, [*state.segments, str(segment)])
         log.info("job %s: window %d/%d done (%d new frames)", job.id, window.index + 1, len(plan), len(keep))
-        report = WindowReport(window, len(plan), renderer.sampler.timesteps, state, frames.cpu() if keep_frames else None)
+        report = WindowReport(window, len(plan), renderer.sampler.timesteps, state, clock.seconds, tuple(clock.steps),
+                              clock.peak_memory(), frames.cpu() if keep_frames else None)
         del frames, keep  # the decoded window (0.5 GiB at 480p) leaves the GPU before the next one samples
         yield report
 

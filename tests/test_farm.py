@@ -22,6 +22,7 @@ from farm.progress import Progress
 from farm.run import run
 from farm.scheduler import Resources, Scheduler
 from farm.storage import RunStore
+from farm.timings import STAGES
 from pipeline import media
 from pipeline.assemble import ModelSpec
 from pipeline.models.tiny import write_tiny_checkpoints
@@ -79,8 +80,27 @@ def test_a_manifest_renders_every_row(undisturbed):
         info = media.probe(row["output"])
         assert info.video.frame_count == row["frames"] == frames_for_duration(seconds)
         assert info.audio is not None and abs(info.duration - seconds) <= 1 / 25
-        assert row["windows"] == len({r["window"] for r in undisturbed.read_window_log(job)})
+        log = undisturbed.read_window_log(job)
+        assert row["windows"] == len({r["window"] for r in log})
         assert row["actor"].startswith("renderer-")
+        assert row["attempts"] == 1 and row["finished"] is not None and row["next_window"] is None
+
+
+def test_a_done_row_carries_its_timings_summed_from_the_window_log(undisturbed):
+    for row in undisturbed.read_results():
+        log = undisturbed.read_window_log(row["id"])
+        stages = {stage: row[f"{stage}_seconds"] for stage in STAGES}
+        assert all(seconds > 0 for stage, seconds in stages.items() if stage != "motion"), row
+        assert (stages["motion"] > 0) == (row["windows"] > 1), row  # a job's last window encodes no motion
+        assert row["render_seconds"] == pytest.approx(sum(r["finished"] - r["started"] for r in log))
+        assert sum(stages.values()) <= row["render_seconds"] <= row["seconds"]
+        assert row["first_window_seconds"] == next(r["seconds"] for r in log if r["window"] == 0)
+        devices = {r["devices"] for r in log}
+        assert devices == {1}  # one CPU actor per renderer
+        assert row["device_seconds_per_video_second"] == pytest.approx(row["render_seconds"] / row["duration"])
+        assert row["encode_seconds"] > 0 and row["finish_seconds"] > 0
+        for record in log:  # every window's steps, one per sampler step (distill: 4)
+            assert len(record["steps"]) == 4 and sum(record["steps"]) == pytest.approx(record["stages"]["dit"])
 
 
 def test_a_rerun_skips_finished_rows(ray_cluster, manifest, undisturbed):
@@ -158,11 +178,15 @@ def test_past_its_retry_budget_a_job_fails_with_the_reason(ray_cluster, manifest
     assert store.load_state("long").next_window >= 1  # the finished windows are kept for a re-run
 
 
-def test_ctrl_c_stops_cleanly_keeps_the_state_and_a_rerun_resumes(manifest, tmp_path):
+def test_ctrl_c_records_the_interrupted_rows_and_a_rerun_resumes_them_counting_both_runs(manifest, tmp_path):
     root = tmp_path / "run"
     command = ["talkfarm", f"manifest={manifest}", f"storage.root={root}", *FAST]
+    # A temp folder of the run's own (short: Ray puts sockets there), so that the renderers' scratch
+    # folders can be counted without seeing other tests' renderers.
+    temp = Path(tempfile.mkdtemp(prefix="tf-", dir="/tmp"))
+    env = os.environ | {"TMPDIR": str(temp)}
     output = tmp_path / "output.log"  # a file, not a pipe: a full pipe would stall the run
-    interrupted = subprocess.Popen(command, stdout=output.open("w"), stderr=subprocess.STDOUT)
+    interrupted = subprocess.Popen(command, stdout=output.open("w"), stderr=subprocess.STDOUT, env=env)
     store = RunStore(str(root))
     deadline = time.time() + 300
     while not store.read_window_log("long") and time.time() < deadline:
@@ -172,11 +196,24 @@ def test_ctrl_c_stops_cleanly_keeps_the_state_and_a_rerun_resumes(manifest, tmp_
     assert "run the same command again to resume" in output.read_text()
     kept = store.load_state("long").next_window
     assert kept >= 1
+    first = {r["id"]: r for r in store.read_results()}
+    assert first["long"]["status"] == "interrupted" and first["long"]["next_window"] == kept, first["long"]
+    assert first["long"]["attempts"] == 1 and first["long"]["seconds"] > 0
+    assert list(temp.glob(f"{SCRATCH_PREFIX}*"))  # the busy renderer was killed and left its scratch
 
-    assert subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
-    assert all(r["status"] == "done" for r in store.read_results())
-    windows = [r["window"] for r in store.read_window_log("long")]
-    assert windows == sorted(set(windows))  # each window once: the re-run went on from where it stopped
+    assert subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env).returncode == 0
+    results = {r["id"]: r for r in store.read_results()}
+    assert all(r["status"] == "done" for r in results.values())
+    log = store.read_window_log("long")
+    assert [r["window"] for r in log] == sorted({r["window"] for r in log})  # each window once: it went on
+    assert {r["attempt"] for r in log} == {1, 2}  # from where it stopped, as the second attempt
+    assert results["long"]["attempts"] == 2 and results["long"]["next_window"] is None
+    assert results["long"]["seconds"] > first["long"]["seconds"]
+    assert results["long"]["render_seconds"] == pytest.approx(sum(r["seconds"] for r in log))  # both runs' windows
+    # every renderer's scratch folder is gone: the killed run's removed by the next run's renderers,
+    # theirs when the run ended
+    assert [p.name for p in temp.glob(f"{SCRATCH_PREFIX}*")] == []
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_a_renderer_whose_jobs_keep_failing_is_replaced(ray_cluster, manifest, tmp_path, caplog):

@@ -141,6 +141,22 @@ def test_the_steps_asked_for_are_the_steps_run(models, face, tmp_path, scheduler
     assert calls == sorted(calls, reverse=True) and calls[0] > 900
 
 
+def test_each_window_reports_its_stages_and_every_step(models, face, tmp_path):
+    audio = speech(tmp_path / "speech.wav", 2.4)  # 60 frames: 3 windows of 33/9
+    job, settings = Job("a", (audio,), image=face), dataclasses.replace(FAST, steps=3)
+    reports = []
+    run(models, job, settings, tmp_path, on_window=reports.append)
+    assert [r.window.index for r in reports] == [0, 1, 2]
+    for report in reports:
+        last = report.window.index == len(reports) - 1
+        expected = {"conditioning", "dit", "decode", "color", "segment"} | (set() if last else {"motion"})
+        assert set(report.stages) == expected, report.stages  # the last window encodes no motion for a next one
+        assert all(seconds > 0 for seconds in report.stages.values()), report.stages
+        assert len(report.steps) == 3 and all(s > 0 for s in report.steps)
+        assert sum(report.steps) == pytest.approx(report.stages["dit"])
+        assert report.memory == {}  # the CPU: torch counts no peaks
+
+
 def test_video_input_conditions_each_window_on_the_source_frame_at_its_start(models, tmp_path):
     # a 30 fps source whose every frame has its own grey level; resampled to 25 fps by the pipeline
     source = tmp_path / "source.mp4"

@@ -189,7 +189,7 @@ def test_results_round_trip_with_nulls(store):
     store.write_results(rows)
 
     read = store.read_results()
-    assert read[0] == rows[0]
+    assert read[0] == {name: None for name in RESULTS_SCHEMA.names} | rows[0]
     assert read[1] == {name: None for name in RESULTS_SCHEMA.names} | rows[1]
 
     data = store.fs.cat_file(f"{store.root}/results.parquet")
