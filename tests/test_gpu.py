@@ -73,11 +73,15 @@ def test_the_demo_renders_through_the_cli(memory, quant, tmp_path):
                f"memory={memory}", f"quant={quant}", f"storage.root={root}", f"model.dir={tmp_path / 'tiny'}"]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
-    rows = RunStore(str(root)).read_results()
+    store = RunStore(str(root))
+    rows = store.read_results()
     assert len(rows) == 2 and all(r["status"] == "done" for r in rows), rows
     for row in rows:
         info = media.probe(row["output"])
         assert info.video.frame_count == row["frames"] == 97 and info.audio is not None  # 3.86 s at 25 fps
+        assert row["dit_seconds"] > 0 and row["device_seconds_per_video_second"] > 0, row
+        for record in store.read_window_log(row["id"]):  # the GPU's peaks, weights included
+            assert 0 < record["peak_allocated"] <= record["peak_reserved"], record
 
 
 def test_the_tiny_model_renders_on_cuda_as_on_the_cpu(tiny, tmp_path, no_tf32):
