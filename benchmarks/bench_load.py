@@ -2,8 +2,8 @@
 
     python benchmarks/bench_load.py --dir /scratch/ckpt --out DIR          # CUDA; ~43 GB of disk
 
-Writes the full-size DiT with random weights in the official layout (pipeline.models.tiny's
-write_dit_checkpoint: config.json, 7 shards of the Wan keys and their index, the InfiniteTalk audio
+Writes the full-size DiT with random weights in the official layout (benchmarks/write_checkpoints.py's
+write_dit: config.json, 7 shards of the Wan keys and their index, the InfiniteTalk audio
 file in fp32), then loads it with pipeline.models.checkpoints.load_dit in a fresh process per
 configuration, recording the process's peak resident set (VmHWM: its own memory plus the file pages it
 has mapped), the time, and the GPU memory. The official DiT shards are fp32 (~9.4 GB each, 66 GB in
@@ -28,42 +28,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_dit import TINY, host_status  # noqa: E402
 
-from pipeline.models.checkpoints import WAN_CONFIG, CheckpointPaths, key_kind, load_dit  # noqa: E402
-from pipeline.models.dit import DiTConfig, keeps_fp32  # noqa: E402
-from pipeline.models.tiny import write_dit_checkpoint  # noqa: E402
+from pipeline.models.checkpoints import load_dit  # noqa: E402
+from pipeline.models.dit import DiTConfig  # noqa: E402
+from write_checkpoints import official_paths, write_dit  # noqa: E402
 
 GiB = 2**30
-SHARDS = 7
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-CONFIG_FIELDS = ("dim", "ffn_dim", "num_heads", "num_layers", "in_dim", "out_dim", "text_len", "freq_dim", "eps")
-
-
-def paths_in(root: Path) -> CheckpointPaths:
-    return CheckpointPaths(wan_dir=root / "Wan2.1-I2V-14B-480P", infinitetalk=root / "InfiniteTalk" / "single" / "infinitetalk.safetensors",
-                           wav2vec_dir=root / "chinese-wav2vec2-base")
 
 
 def write(root: Path, cfg: DiTConfig) -> dict:
-    paths = paths_in(root)
-    paths.wan_dir.mkdir(parents=True, exist_ok=True)
-    paths.infinitetalk.parent.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator(DEVICE).manual_seed(0)
-
-    def tensor(name: str, shape: torch.Size) -> torch.Tensor:
-        fp32 = key_kind(name) == "InfiniteTalk audio modules" or keeps_fp32(name)
-        return (torch.randn(shape, device=DEVICE, generator=gen) * 0.02).to(torch.float32 if fp32 else torch.bfloat16).cpu()
-
     started = time.perf_counter()
-    write_dit_checkpoint(paths, cfg, SHARDS, tensor)
-    config = {"model_type": "i2v"} | {name: getattr(cfg, name) for name in CONFIG_FIELDS}
-    (paths.wan_dir / WAN_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    write_dit(root, cfg, torch.float32)  # the audio file in fp32, as official
+    paths = official_paths(root)
     files = sorted(paths.wan_dir.glob("*.safetensors")) + [paths.infinitetalk]
     return {"s": time.perf_counter() - started, "files_gb": {f.name: f.stat().st_size / 1e9 for f in files}}
 
 
 def load(root: Path, quant: str | None) -> dict:
     """One load in this process (run in a fresh one per configuration)."""
-    paths = paths_in(root)
+    paths = official_paths(root)
     cuda = DEVICE == "cuda"
     if cuda:
         torch.empty(1, device=DEVICE)  # the CUDA context, before the baseline

@@ -249,3 +249,18 @@ def test_streaming_peak_host_memory_is_about_one_shard(tmp_path):
     # the model (bf16) + about one shard read (fp32) + allocator slack; naive loading would add the
     # whole checkpoint (179 MB) on top of the model
     assert growth < model_bf16 + 1.5 * max(shard_sizes) + 20e6, numbers
+
+
+def test_the_benchmarks_full_size_writer_writes_what_the_loaders_read(tmp_path):
+    """benchmarks/write_checkpoints.py at the tiny widths: the same code writes the 14B set on the GPU machine."""
+    script = Path(__file__).parents[1] / "benchmarks" / "write_checkpoints.py"
+    subprocess.run([sys.executable, str(script), "--dir", str(tmp_path), "--tiny", "--comfy-dit"], check=True,
+                   capture_output=True)
+    paths = CheckpointPaths(tmp_path / "Wan2.1-I2V-14B-480P", tmp_path / "InfiniteTalk/single/infinitetalk.safetensors",
+                            tmp_path / "chinese-wav2vec2-base")
+    models = load_models(paths, Precision(dit="fp32", t5="fp32", clip="fp32", vae="fp32"))
+    tokens = models.t5.encode(["a test prompt"])[0]
+    assert torch.isfinite(tokens).all()
+    comfy = load_dit([tmp_path / "Wan2_1-I2V-14B-480P_fp8_e4m3fn.safetensors"], paths.infinitetalk, paths.dit_config(),
+                     dtype=torch.float32)
+    assert comfy.state_dict().keys() == models.dit.state_dict().keys()

@@ -127,7 +127,6 @@ def write_tiny_wav2vec2(directory: str | Path, seed: int) -> Path:
     so 16 kHz still gives 50 Hz with the same frame count), post-norm transformer (no stable layer norm),
     hidden 32, 3 layers, 2 heads. The same seed writes the same bytes.
     """
-    directory = Path(directory)
     config = Wav2Vec2Config(
         hidden_size=32,
         num_hidden_layers=3,
@@ -142,6 +141,12 @@ def write_tiny_wav2vec2(directory: str | Path, seed: int) -> Path:
         num_conv_pos_embeddings=16,
         num_conv_pos_embedding_groups=4,
     )
+    return write_wav2vec2(directory, config, seed)
+
+
+def write_wav2vec2(directory: str | Path, config: Wav2Vec2Config, seed: int) -> Path:
+    """A random wav2vec2 of `config` in the Hugging Face directory layout (seeded: same seed, same bytes)."""
+    directory = Path(directory)
     with torch.random.fork_rng(devices=[]):  # seed the initialisation without disturbing the caller's RNG
         torch.manual_seed(seed)
         model = Wav2Vec2Model(config)

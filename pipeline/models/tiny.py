@@ -83,15 +83,19 @@ def write_tiny_checkpoints(root: str | Path, seed: int = 0) -> CheckpointPaths:
         torch.save(_contiguous(vae_state_dict_to_official(vae.state_dict())), paths.wan_dir / WAN_VAE)
 
         torch.manual_seed(seed + 3)
-        cfg = DiTConfig(
-            **{k: v for k, v in TINY_WAN_CONFIG.items() if k != "model_type"},
-            text_dim=TINY_T5["d_model"], clip_dim=TINY_CLIP["hidden_size"],
-            audio_dim=wav2vec["hidden_size"], audio_layers=wav2vec["num_hidden_layers"], **TINY_AUDIO,
-        )
-        _write_dit(paths, cfg)
+        _write_dit(paths, tiny_dit_config(wav2vec))
     (paths.wan_dir / WAN_CONFIG).write_text(json.dumps(TINY_WAN_CONFIG, indent=2) + "\n")
     (root / DONE).write_text("")
     return paths
+
+
+def tiny_dit_config(wav2vec: dict) -> DiTConfig:
+    """The tiny DiT at the widths of the tiny encoders; `wav2vec` is its wav2vec2's config.json."""
+    return DiTConfig(
+        **{k: v for k, v in TINY_WAN_CONFIG.items() if k != "model_type"},
+        text_dim=TINY_T5["d_model"], clip_dim=TINY_CLIP["hidden_size"],
+        audio_dim=wav2vec["hidden_size"], audio_layers=wav2vec["num_hidden_layers"], **TINY_AUDIO,
+    )
 
 
 def _write_dit(paths: CheckpointPaths, cfg: DiTConfig) -> None:
