@@ -18,10 +18,10 @@ The scheduler's memory is a cache: everything a job needs to resume is in the Ru
 import logging
 import time
 import uuid
-from datetime import UTC, datetime
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
@@ -31,8 +31,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from farm.actors import ActorSpec, Encoder, Renderer, finish
 from farm.errors import WorkerError
 from farm.manifest import ManifestRow
-from farm.storage import RunStore
 from farm.progress import Progress
+from farm.storage import RunStore
 from pipeline.job import RenderSettings
 
 log = logging.getLogger(__name__)
