@@ -45,6 +45,15 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+def compare(ours, ours_tiled, theirs, theirs_tiled) -> dict[str, float]:
+    return {
+        "ours_tiled_vs_untiled": relative(ours_tiled, ours),
+        "diffusers_tiled_vs_untiled": relative(theirs_tiled, theirs),
+        "ours_vs_diffusers_untiled": relative(ours, theirs),
+        "ours_vs_diffusers_tiled": relative(ours_tiled, theirs_tiled),
+    }
+
+
 def diffusers_encode(module: AutoencoderKLWan, vae: WanVAE, video: torch.Tensor, tiled: bool) -> torch.Tensor:
     """diffusers' encode, normalised as WanVAE normalises (posterior mean, per-channel mean and std)."""
     module.enable_tiling(TILES.tile_height, TILES.tile_width, TILES.stride_height, TILES.stride_width) if tiled \
@@ -92,23 +101,13 @@ def main():
     ours_latents_tiled, results["ours_encode_tiled_s"] = timed(lambda: WanVAE(module, TILES).encode(video))
     theirs_latents = diffusers_encode(module, normalising, video, tiled=False)
     theirs_latents_tiled = diffusers_encode(module, normalising, video, tiled=True)
-    results["encode"] = {
-        "ours_tiled_vs_untiled": relative(ours_latents_tiled, ours_latents),
-        "diffusers_tiled_vs_untiled": relative(theirs_latents_tiled, theirs_latents),
-        "ours_vs_diffusers_untiled": relative(ours_latents, theirs_latents),
-        "ours_vs_diffusers_tiled": relative(ours_latents_tiled, theirs_latents_tiled),
-    }
+    results["encode"] = compare(ours_latents, ours_latents_tiled, theirs_latents, theirs_latents_tiled)
     del theirs_latents_tiled, ours_latents_tiled
     decoded, results["ours_decode_untiled_s"] = timed(lambda: WanVAE(module, None).decode(ours_latents))
     decoded_tiled, results["ours_decode_tiled_s"] = timed(lambda: WanVAE(module, TILES).decode(ours_latents))
     theirs = diffusers_decode(module, normalising, ours_latents, tiled=False)
     theirs_tiled = diffusers_decode(module, normalising, ours_latents, tiled=True)
-    results["decode"] = {
-        "ours_tiled_vs_untiled": relative(decoded_tiled, decoded),
-        "diffusers_tiled_vs_untiled": relative(theirs_tiled, theirs),
-        "ours_vs_diffusers_untiled": relative(decoded, theirs),
-        "ours_vs_diffusers_tiled": relative(decoded_tiled, theirs_tiled),
-    }
+    results["decode"] = compare(decoded, decoded_tiled, theirs, theirs_tiled)
     print(json.dumps(results, indent=1))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
