@@ -9,6 +9,7 @@ import shutil
 import socket
 import tempfile
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -124,24 +125,27 @@ class Renderer:
             workdir = self.scratch / job.id  # removed after the job, however it ends
             started = time.time()
             try:
-                for report in render_windows(models, job, inputs, settings, workdir, state):
-                    if self.rank > 0:
+                # closing: a failure here stops the device's thread (pipeline.ahead) before the next job
+                with closing(render_windows(models, job, inputs, settings, workdir, state)) as reports:
+                    for report in reports:  # each comes as the device renders the next window
+                        if self.rank > 0:
+                            Path(report.state.segments[-1]).unlink()
+                            continue
+                        stored_from = time.perf_counter()
+                        names.append(self.store.put_segment(job.id, report.state.segments[-1]))
+                        self.store.save_state(job.id, report.state, names)
+                        finished = time.time()
+                        self.store.append_window_log(job.id, {
+                            "window": report.window.index, "attempt": attempt, "actor": self.name,
+                            "host": socket.gethostname(), "devices": self.world, "started": started,
+                            "finished": finished, "seconds": finished - started,
+                            "stages": report.stages | {"store": time.perf_counter() - stored_from},
+                            "steps": list(report.steps), **report.memory,
+                        })
                         Path(report.state.segments[-1]).unlink()
-                        continue
-                    stored_from = time.perf_counter()
-                    names.append(self.store.put_segment(job.id, report.state.segments[-1]))
-                    self.store.save_state(job.id, report.state, names)
-                    finished = time.time()
-                    self.store.append_window_log(job.id, {
-                        "window": report.window.index, "attempt": attempt, "actor": self.name,
-                        "host": socket.gethostname(), "devices": self.world, "started": started,
-                        "finished": finished, "seconds": finished - started,
-                        "stages": report.stages | {"store": time.perf_counter() - stored_from},
-                        "steps": list(report.steps), **report.memory,
-                    })
-                    Path(report.state.segments[-1]).unlink()
-                    started = finished
-                    yield {"job": job.id, "window": report.window.index + 1, "windows": report.windows, "actor": self.name}
+                        started = finished
+                        yield {"job": job.id, "window": report.window.index + 1, "windows": report.windows,
+                               "actor": self.name}
             finally:
                 shutil.rmtree(workdir, ignore_errors=True)
 

@@ -47,7 +47,8 @@ RESULTS_SCHEMA = pa.schema(
         ("finished", pa.timestamp("ms", tz="UTC")),  # when the row reached its status (parquet has no "s" unit)
         ("next_window", pa.int64()),  # an interrupted row: the window a re-run starts at
         # Done rows, from the window log (farm/timings.py): seconds per stage over every window rendered,
-        # in every run; the stages sum to at most render_seconds (the rest is the loop's own work).
+        # in every run; the device's stages sum to at most render_seconds (the rest is the loop's own work;
+        # segment and store run beside the device's next window).
         ("encode_seconds", pa.float64()),  # T5, CLIP and wav2vec2 on the encoder (the last encode)
         ("render_seconds", pa.float64()),
         ("first_window_seconds", pa.float64()),

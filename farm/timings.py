@@ -1,9 +1,11 @@
 """A job's time per stage for results.parquet, summed from its window log (every window of every attempt
 and run: the log is durable, so a job resumed in a later run is counted whole)."""
 
-# The stages a window's record times (pipeline.timing.StageClock, and the renderer's store), in the
-# order a window runs them; each becomes a `<stage>_seconds` column.
-STAGES = ("conditioning", "dit", "decode", "color", "segment", "motion", "store")
+# The stages a window's record times, each a `<stage>_seconds` column: the device's, one after another
+# (pipeline.timing.StageClock), then the segment's x264 encode and the renderer's store, which run on
+# another thread while the device renders the next window.
+DEVICE_STAGES = ("conditioning", "dit", "decode", "color", "to_host", "motion")
+STAGES = (*DEVICE_STAGES, "segment", "store")
 
 
 def job_timings(window_log: list[dict], duration: float) -> dict:

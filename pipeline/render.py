@@ -2,8 +2,9 @@
 
     encode_job   audio -> -23 LUFS -> wav2vec2 features; prompts -> T5; reference frame(s) -> CLIP
     render_job   for each window: audio slice, noise from (seed, window), sample with clean motion
-                 latents, decode, colour-match, write the window's new frames as a segment, encode the
-                 last M frames as the next window's motion latents -> ResumeState
+                 latents, decode, colour-match, encode the last M frames as the next window's motion
+                 latents, and write the window's new frames as a segment (on another thread, while the
+                 device renders the next window) -> ResumeState
     finish_job   segments + the ORIGINAL audio -> H.264/AAC mp4
 
 The state after a window is small and explicit (ResumeState): the next window's index, its motion
@@ -12,14 +13,17 @@ window index), so a job resumed at window k produces the same frames as an unint
 """
 
 import logging
+import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from contextlib import closing
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from pipeline import media
+from pipeline.ahead import run_ahead
 from pipeline.color import match_colors
 from pipeline.job import FPS, Job, RenderSettings, ResumeState
 from pipeline.models.audio import SAMPLE_RATE, AudioEncoder, feature_frames, loudness_normalize
@@ -56,7 +60,8 @@ class WindowReport:
     windows: int  # how many windows the job has
     timesteps: tuple[float, ...]
     state: ResumeState
-    stages: dict[str, float]  # seconds per stage (StageClock): conditioning (when encoded), dit, decode, color, segment, motion
+    stages: dict[str, float]  # seconds per stage: the device's (StageClock: conditioning when encoded, dit,
+    # decode, color, to_host, motion), then segment (x264, beside the device's next window)
     steps: tuple[float, ...]  # seconds of each sampling step (their sum is stages["dit"])
     memory: dict[str, int]  # the device's peak_allocated and peak_reserved bytes during the window (CUDA only)
     frames: torch.Tensor | None = None  # with keep_frames: [T, 3, H, W] all the decoded, colour-matched frames, on the CPU
@@ -230,9 +235,23 @@ def render_windows(
 ) -> Iterator[WindowReport]:
     """Render the job's windows from `state.next_window` on, yielding a report after each; each
     window's kept frames become a segment file in `workdir`. keep_frames: the report carries all the
-    window's frames too (a host copy, 0.5 GiB at 480p; the segment files hold what the video keeps)."""
+    window's frames too (a host copy, 0.5 GiB at 480p; the segment files hold what the video keeps).
+
+    The device runs ahead (pipeline.ahead): while this thread encodes window k's segment (x264, 1.6 s
+    at 480p) and the caller handles its report, the device already samples window k+1. A report comes
+    once its segment file is written, so its state can be stored as it is."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    for frames, report in run_ahead(_device_windows(models, job, inputs, settings, workdir, state, keep_frames),
+                                    name=f"render-{job.id}"):
+        started = time.perf_counter()
+        media.write_video(report.state.segments[-1], frames, fps=FPS, crf=settings.crf)
+        yield replace(report, stages=report.stages | {"segment": time.perf_counter() - started})
+
+
+def _device_windows(models, job, inputs, settings, workdir, state, keep_frames) -> Iterator[tuple[torch.Tensor, WindowReport]]:
+    """render_windows' device side: per window, (its kept frames as uint8 [T, H, W, 3] on the host, its
+    report); the segment the report's state names is not written yet."""
     plan = plan_for(inputs.num_frames, settings)
     state = state or ResumeState()
     renderer = WindowRenderer(models, inputs, settings, job.seed)
@@ -250,19 +269,19 @@ def render_windows(
             frames = match_colors(frames, colour_reference.to(frames.device), settings.color_match, settings.color_strength)
 
         keep = frames[window.new_from : window.new_from + min(window.new_frames, inputs.num_frames - window.start - window.new_from)]
-        segment = workdir / f"segment-{window.index:05d}.mp4"
-        with clock.stage("segment"):
-            media.write_video(segment, keep, fps=FPS, crf=settings.crf)
+        with clock.stage("to_host"):  # 8-bit on the device: a quarter of the bytes to copy
+            keep = media.to_uint8_frames(keep).cpu()
         motion = None
         if window.index + 1 < len(plan):
             with clock.stage("motion"):
                 motion = models.vae.encode(frames[-settings.motion :].transpose(0, 1)[None])[0].cpu()
+        segment = workdir / f"segment-{window.index:05d}.mp4"
         state = ResumeState(window.index + 1, motion, [*state.segments, str(segment)])
         log.info("job %s: window %d/%d done (%d new frames)", job.id, window.index + 1, len(plan), len(keep))
         report = WindowReport(window, len(plan), renderer.sampler.timesteps, state, clock.seconds, tuple(clock.steps),
                               clock.peak_memory(), frames.cpu() if keep_frames else None)
-        del frames, keep  # the decoded window (0.5 GiB at 480p) leaves the GPU before the next one samples
-        yield report
+        del frames  # the decoded window (0.5 GiB at 480p) leaves the GPU before the next one samples
+        yield keep, report
 
 
 def render_job(
@@ -277,10 +296,11 @@ def render_job(
 ) -> ResumeState:
     """`render_windows` to the end; returns the final state (its segments are the whole video)."""
     state = state or ResumeState()
-    for report in render_windows(models, job, inputs, settings, workdir, state, keep_frames):
-        state = report.state
-        if on_window is not None:
-            on_window(report)
+    with closing(render_windows(models, job, inputs, settings, workdir, state, keep_frames)) as reports:
+        for report in reports:  # closing: an error in on_window stops the device's thread at once
+            state = report.state
+            if on_window is not None:
+                on_window(report)
     return state
 
 

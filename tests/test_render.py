@@ -149,7 +149,7 @@ def test_each_window_reports_its_stages_and_every_step(models, face, tmp_path):
     assert [r.window.index for r in reports] == [0, 1, 2]
     for report in reports:
         last = report.window.index == len(reports) - 1
-        expected = {"conditioning", "dit", "decode", "color", "segment"} | (set() if last else {"motion"})
+        expected = {"conditioning", "dit", "decode", "color", "to_host", "segment"} | (set() if last else {"motion"})
         assert set(report.stages) == expected, report.stages  # the last window encodes no motion for a next one
         assert all(seconds > 0 for seconds in report.stages.values()), report.stages
         assert len(report.steps) == 3 and all(s > 0 for s in report.steps)

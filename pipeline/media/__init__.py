@@ -26,7 +26,7 @@ _EXPORTS = {
     **dict.fromkeys(("WHITE", "iter_video_frames", "read_audio", "read_image",
                      "read_video_frames"), "read"),
     **dict.fromkeys(("BUCKETS", "choose_size", "fit_to"), "sizes"),
-    **dict.fromkeys(("combine_audio", "concat_segments", "write_video"), "write"),
+    **dict.fromkeys(("combine_audio", "concat_segments", "to_uint8_frames", "write_video"), "write"),
 }
 __all__ = sorted(_EXPORTS)
 

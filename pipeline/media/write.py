@@ -174,6 +174,13 @@ def _chain(first, rest):
     yield from rest
 
 
+def to_uint8_frames(frames: torch.Tensor) -> torch.Tensor:
+    """Float frames [..., 3, H, W] in [-1, 1] -> uint8 [..., H, W, 3], as write_video encodes them, on
+    the frames' device."""
+    frames = frames.detach().float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+    return frames.permute(*range(frames.dim() - 3), -2, -1, -3)  # channels last
+
+
 def _uint8_chunks(frames, chunk_frames: int) -> Iterator[np.ndarray]:
     """Chunks of [t, H, W, 3] uint8 from the inputs write_video accepts."""
     if isinstance(frames, (torch.Tensor, np.ndarray)):
@@ -186,8 +193,7 @@ def _uint8_chunks(frames, chunk_frames: int) -> Iterator[np.ndarray]:
         if isinstance(part, torch.Tensor):
             part = part.detach()
             if part.dtype != torch.uint8:
-                part = part.float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
-                part = part.permute(*range(part.dim() - 3), -2, -1, -3)  # channels last
+                part = to_uint8_frames(part)
             part = part.cpu().numpy()
         elif part.dtype != np.uint8:
             part = np.rint((np.clip(part, -1, 1) + 1) * 127.5).astype(np.uint8)
