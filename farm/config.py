@@ -423,7 +423,7 @@ def model_spec(cfg: DictConfig) -> "ModelSpec":
     from pipeline.assemble import ModelSpec
 
     quant = None if cfg.quant.mode == "none" else cfg.quant.mode
-    return ModelSpec(precision(cfg), cfg.attention.backend, quant, memory_settings(cfg))
+    return ModelSpec(precision(cfg), cfg.attention.backend, quant, memory_settings(cfg), cfg.window.frames)
 
 
 def run_root(cfg: DictConfig) -> str:

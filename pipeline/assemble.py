@@ -15,8 +15,8 @@ Each step is an existing apply_* (or load) function; this file only decides whic
   4. Attention backend on every attention module of the DiT.
   5. The VAE's cuDNN layout (pipeline/models/vae_layout.py), on CUDA and untiled only; before compiling,
      since the compiled graphs do not guard on the weights' layout.
-  6. Compile: the DiT's blocks and the VAE's streamed encode and decode; after the attention backend,
-     which the compiled graph holds.
+  6. Compile: the DiT's blocks (static at the full window, one dynamic graph for shorter windows) and
+     the VAE's streamed encode and decode; after the attention backend, which the compiled graph holds.
   7. Sequence parallelism over `group`, last: its hooks wrap the blocks as they will run.
 """
 
@@ -31,7 +31,7 @@ from pipeline.kernels.attention import apply_attention, check_head_dim
 from pipeline.kernels.compile import check_compile, compile_blocks
 from pipeline.kernels.offload import check_offload, offload_blocks
 from pipeline.models.checkpoints import CheckpointPaths, Models, Precision, load_models
-from pipeline.models.vae import VAETiling, WanVAE, compile_vae
+from pipeline.models.vae import VAETiling, WanVAE, compile_vae, latent_frames
 from pipeline.models.vae_layout import apply_vae_layout
 from pipeline.parallel import apply_sequence_parallel
 
@@ -57,6 +57,7 @@ class ModelSpec:
     attention: str = "sdpa"  # a backend of pipeline.kernels.attention, or "auto"
     quant: str | None = None  # a mode of pipeline.kernels.fp8 for the DiT's block linears; None: none
     memory: MemorySettings = MemorySettings()
+    window: int = 117  # frames of a full window: compiled for exactly; shorter ones share one dynamic graph
 
 
 def build_renderer(
@@ -84,7 +85,7 @@ def build_renderer(
     check_head_dim(apply_attention(dit, spec.attention, device), dit.cfg.dim // dit.cfg.num_heads)
     prepare_vae(vae, memory)
     if memory.compile:
-        compile_blocks(dit, device)
+        compile_blocks(dit, device, latent_frames(spec.window))
     if group is not None:
         apply_sequence_parallel(dit, group)
     log.info("renderer on %s: %s", device, spec)

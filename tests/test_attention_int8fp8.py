@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 triton = pytest.importorskip("triton")
 if not torch.cuda.is_available() and tuple(map(int, triton.__version__.split(".")[:3])) < (3, 7, 1):
@@ -107,6 +108,17 @@ def test_compiled_quantisation_gives_the_same_attention():
     q, k, v = inputs(1, 100, 300, 2, 64, 1.0, seed=5)
     compiled = torch.compile(kernel.int8fp8_attention, dynamic=False, fullgraph=True)
     assert rel(compiled(q, k, v).cpu(), kernel.int8fp8_attention(q, k, v).cpu()) < 2e-3
+
+
+def test_one_dynamic_graph_serves_every_sequence_length():
+    """The DiT's shorter windows run the blocks compiled with dynamic shapes (pipeline/kernels/compile.py):
+    the kernel's inputs are then symbolic lengths, keys padded to whole blocks by a symbolic amount."""
+    compiled = torch.compile(kernel.int8fp8_attention, dynamic=True, fullgraph=True)
+    before = counters["stats"]["unique_graphs"]
+    for length in (200, 384, 457):  # a partial key block, whole blocks, a partial one again
+        q, k, v = inputs(1, length, length, 2, 64, 1.0, seed=length)
+        assert rel(compiled(q, k, v).cpu(), kernel.int8fp8_attention(q, k, v).cpu()) < 2e-3, length
+    assert counters["stats"]["unique_graphs"] - before == 1
 
 
 def test_head_dims_the_kernel_cannot_take_are_refused():

@@ -1,7 +1,7 @@
 """Regional torch.compile of the DiT: every block's forward compiled, one compiled graph shared by all;
 and the checks every compiled piece makes (the VAE's own compile is pipeline/models/vae.py's compile_vae).
 
-    compile_blocks(model, device=None) -> CompiledBlocks   compile each block of `model.blocks` in place
+    compile_blocks(model, device, full_frames) -> CompiledBlocks   compile each block of `model.blocks` in place
     compile_problem(device)                                why torch.compile cannot run on `device`, or None
     raise_recompile_limit()                                let one process compile RECOMPILE_LIMIT shapes
 
@@ -16,26 +16,29 @@ block's fp32 temporaries no longer all alive at once.
 Only `forward` is compiled: the block's hooks (block offload, sequence parallelism) stay eager, in
 `nn.Module.__call__` around it, so streams, events and parameter swaps never enter a graph.
 
-What recompiles (dynamic=False: every shape is static, so every new shape is a new graph):
-  - a new input shape: batch (guidance passes batched together), tokens = latent frames x h x w (the
-    window length and the output size) and the speaker count (two speakers add the reference-map
-    inputs; their silent-audio passes run as one speaker: a second graph). A job's windows all have
-    one length except its last, which is shorter (any 4n+1 from motion + 4 up to the window: up to 23
-    lengths at 117/25), so a job whose last window has a length not seen yet compiles once more. Each
-    compile serves all 40 blocks and is kept for the life of the process; each new input shape is
-    logged with its first call's time (measured on the H100 at 117 frames: 11 s in bf16, 8 s in fp8,
-    the forward included). Inductor's on-disk cache makes a later process's compile of a seen shape
-    cheaper.
-  - a change of grad mode (no_grad vs inference_mode), of the attention function (apply_attention
-    after compile_blocks) or of the fp8 layers' mode: all are guarded (these are not logged).
-Every shape is one cache entry of Block.forward's code object; past dynamo's recompile limit (8 by
-default) the blocks would quietly run eagerly, so both functions raise it to RECOMPILE_LIMIT.
+What compiles, and when. A job's windows all have one length except its last, which is shorter (any
+4n+1 from motion + 4 up to the window: up to 23 lengths at 117/25), and a job shorter than one window
+has one short window. So the blocks have two compiled functions:
+  - at the full window's latent frame count (`full_frames`), static graphs (dynamic=False): one per
+    input shape, i.e. per batch (guidance passes batched together), output size and speaker count (two
+    speakers add the reference-map inputs; their silent-audio passes run as one speaker);
+  - at any other frame count, one graph with dynamic shapes (dynamic=True), so that a job's shorter last
+    window or a new job's short one compiles nothing new: the first such call compiles it (measured at
+    14B in benchmarks/RESULTS.md), later lengths reuse it. It is a second code object (_any_length), so
+    Dynamo's cache never hands a full window the dynamic graph.
+Without `full_frames` every shape is static. Each new input shape is logged with its first call's time
+(tracing, Inductor and that call's run). Also guarded, and so recompiled (not logged): a change of grad
+mode (no_grad vs inference_mode), of the attention function (apply_attention after compile_blocks) or
+of the fp8 layers' mode. Every shape is one cache entry of the code object; past dynamo's recompile
+limit (8 by default) the blocks would quietly run eagerly, so both functions raise it to
+RECOMPILE_LIMIT. Inductor's on-disk cache makes a later process's compile of a seen shape cheaper.
 
 A device where torch.compile cannot run (no C++ compiler for the CPU backend, no working Triton for
 CUDA) is a start-up error (KernelUnavailable), found by compiling and running a probe function there:
 no silent fallback to eager blocks.
 """
 
+import inspect
 import logging
 import time
 from dataclasses import dataclass, field
@@ -43,6 +46,7 @@ from functools import lru_cache
 
 import torch
 import torch._dynamo
+from torch._dynamo.utils import counters
 import torch.nn as nn
 
 from pipeline.kernels import KernelUnavailable
@@ -88,8 +92,8 @@ def check_compile(device: torch.device | str) -> None:
 
 @dataclass
 class CompiledBlocks:
-    """What compile_blocks did: the blocks it compiled and every input shape compiled so far, with its
-    compile time (the first call at a shape: tracing, Inductor, and that call's own run)."""
+    """What compile_blocks did: the blocks it compiled and every call that compiled a graph, keyed by its
+    route (static or any length) and inputs, with its time (tracing, Inductor, and that call's own run)."""
 
     blocks: int
     shapes: dict[tuple, float] = field(default_factory=dict)
@@ -106,12 +110,21 @@ def _signature(value) -> object:
     return type(value).__name__
 
 
-def compile_blocks(model: nn.Module, device: torch.device | str | None = None) -> CompiledBlocks:
-    """torch.compile every block of `model.blocks` in place (dynamic=False), one graph shared by all.
+def _any_length(block: nn.Module, *args, **kwargs):
+    """A block's own forward, as a function of its own: compiled with dynamic shapes for every window
+    length but the full one (its cache entries are this code object's, apart from the static graphs')."""
+    return type(block).forward(block, *args, **kwargs)
+
+
+def compile_blocks(model: nn.Module, device: torch.device | str | None = None,
+                   full_frames: int | None = None) -> CompiledBlocks:
+    """torch.compile every block of `model.blocks` in place, one graph shared by all.
 
     `device` is where the blocks run (default: where the model's first parameter outside the blocks
-    is; blocks offloaded to host memory still run there). KernelUnavailable if torch.compile cannot run
-    on it. The dynamo recompile limit is raised to RECOMPILE_LIMIT (a process-wide setting)."""
+    is; blocks offloaded to host memory still run there). `full_frames`: the latent frames of a full
+    window, compiled static; every other frame count runs one dynamic graph (the module docstring);
+    None: every shape static. KernelUnavailable if torch.compile cannot run on `device`. The dynamo
+    recompile limit is raised to RECOMPILE_LIMIT (a process-wide setting)."""
     blocks = list(model.blocks)
     if not blocks:
         raise ValueError("the model has no blocks to compile")
@@ -121,25 +134,29 @@ def compile_blocks(model: nn.Module, device: torch.device | str | None = None) -
         device = next(p.device for n, p in model.named_parameters() if not n.startswith("blocks."))
     check_compile(device)
     raise_recompile_limit()
+    signature = inspect.signature(type(blocks[0]).forward)
+    if full_frames is not None and "frames" not in signature.parameters:
+        raise TypeError(f"{type(blocks[0]).__name__}.forward has no `frames` argument to tell full windows by")
+    any_length = torch.compile(_any_length, dynamic=True)
 
     state = CompiledBlocks(len(blocks))
     for block in blocks:
-        compiled = torch.compile(block.forward, dynamic=False)
+        static = torch.compile(block.forward, dynamic=False)
 
-        def forward(*args, _compiled=compiled, **kwargs):
-            key = (_signature(args), _signature(kwargs), torch.is_grad_enabled(), torch.is_inference_mode_enabled())
-            if key in state.shapes:
-                return _compiled(*args, **kwargs)
-            started = time.perf_counter()
-            out = _compiled(*args, **kwargs)
-            state.shapes[key] = time.perf_counter() - started
-            log.info("compiled DiT blocks in %.1f s for new inputs %s (shape %d; one graph for all %d blocks)",
-                     state.shapes[key], key[0], len(state.shapes), state.blocks)
+        def forward(*args, _block=block, _static=static, **kwargs):
+            dynamic = full_frames is not None and signature.bind(_block, *args, **kwargs).arguments["frames"] != full_frames
+            graphs, started = counters["stats"]["unique_graphs"], time.perf_counter()
+            out = any_length(_block, *args, **kwargs) if dynamic else _static(*args, **kwargs)
+            if counters["stats"]["unique_graphs"] > graphs:  # this call compiled
+                key = ("any length" if dynamic else "static", _signature(args), _signature(kwargs))
+                state.shapes[key] = time.perf_counter() - started
+                log.info("compiled DiT blocks in %.1f s for %s inputs %s (graph %d; one graph for all %d blocks)",
+                         state.shapes[key], *key[:2], len(state.shapes), state.blocks)
             return out
 
         block.forward = forward  # an instance attribute: nn.Module.__call__ (and its hooks) stay eager
-    log.info("compile_blocks: %d blocks of %s on %s, torch.compile(dynamic=False)", len(blocks),
-             type(blocks[0]).__name__, device)
+    log.info("compile_blocks: %d blocks of %s on %s, torch.compile: %s", len(blocks), type(blocks[0]).__name__, device,
+             f"static at {full_frames} latent frames, dynamic at the others" if full_frames else "static")
     return state
 
 
