@@ -27,7 +27,8 @@ workers' lines late), GPU samples by nvidia-smi's timestamp (a pipe may buffer t
 
 Writes DIR/farm-MEMORY.log (the CLI's output, each line after time.time() at read), samples-MEMORY.json
 (raw GPU and RSS samples), bench-farm-MEMORY.json (the summary, however the run ends), inputs-MEMORY/.
-Exits 1 if the command failed or a row is not done.
+Exits 1 if the command failed or a row is not done. --budget-s S: after S seconds the run gets SIGINT
+(the CLI stores what it has and exits 130) and the windows rendered so far are reported.
 """
 
 import argparse
@@ -36,6 +37,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -291,12 +293,13 @@ def analyse(store: RunStore, job_frames: dict[str, int], window: int, motion: in
     for w in windows:
         w["host_rss_mb"] = (nearest(host, w["finished"]) or {}).get("rss_mb")
     events = log_events(lines, t0)
-    video_s = sum(r.get("duration") or 0 for r in results)
+    video_s = sum(w["kept_frames"] for w in windows) / FPS  # the done rows' durations; a cut run's windows too
     devices = sum({w["actor"]: w["devices"] for w in windows}.values())
     summary = {"wall_seconds": wall, "video_seconds": video_s, "windows": len(windows), "devices": devices,
                "rows_done": sum(r["status"] == "done" for r in results),
                "rows_not_done": {r["id"]: f"{r['status']}: {r.get('error')}" for r in results if r["status"] != "done"},
-               "device_seconds_per_video_second": wall * devices / video_s if video_s else None,
+               # the whole run: from the command's start to its last window's end (a run cut short: where it stopped)
+               "device_seconds_per_video_second": (windows[-1]["finished_s"] * devices / video_s) if video_s else None,
                "gpu": gpu_activity(gpu, windows, t0),
                "host_rss_peak_mb": max((s["rss_mb"] for s in host), default=None),
                "recompiles": events["recompiles"], "recompile_lines": events["recompile_lines"],
@@ -365,6 +368,8 @@ def main() -> int:
     parser.add_argument("--weights", help="model.weights: the checkpoint root (not with --tiny)")
     parser.add_argument("--memory", help="the memory preset (conf/memory/); default fast, none with --tiny")
     parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/out"))
+    parser.add_argument("--budget-s", type=float, help="stop the run (SIGINT) after this many seconds and report "
+                        "the windows it rendered")
     args = parser.parse_args()
     if args.tiny == bool(args.weights):
         parser.error("give --weights, or --tiny")
@@ -394,7 +399,12 @@ def main() -> int:
         tee, host = LogTee(child.stdout, out / f"farm-{args.memory}.log"), HostSampler(child.pid)
         tee.start()
         host.start()
-        summary["returncode"] = child.wait()
+        try:
+            summary["returncode"] = child.wait(timeout=args.budget_s)
+        except subprocess.TimeoutExpired:  # Ctrl-C, as a user would: the CLI stores what it has and exits 130
+            summary["stopped_at_budget_s"] = args.budget_s
+            child.send_signal(signal.SIGINT)
+            summary["returncode"] = child.wait()
         wall = time.time() - t0
         tee.join()  # its last lines, and both samplers stopped: the analysis reads all three
         host.stop()
