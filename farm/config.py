@@ -209,6 +209,7 @@ class Config:
     window: WindowConfig
     cluster: ClusterConfig
     storage: StorageConfig
+    retry_failed: bool  # render again the rows an earlier run failed for good (retryable false)
 
 
 # conf/config.yaml starts from "talkfarm"; each model/*.yaml starts from its own schema. Stored outside

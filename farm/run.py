@@ -24,8 +24,10 @@ CPU_RENDERERS = 2  # on a machine without GPUs (the tiny model, tests, the demo)
 
 
 def run(cfg: DictConfig) -> int:
-    """Render every row; returns the process exit code (0: all done, 1: some rows failed). A manifest that
-    cannot be read raises ConfigError."""
+    """Render every row; returns the process exit code: 0 when every row is done or failed for a reason a
+    retry cannot fix (a bad input, an error the same inputs repeat: the summary says how many), 1 when a
+    row failed for a reason a retry might get past (retries used up) or the run stopped (a worker could
+    not load its models), 130 after Ctrl-C. A manifest that cannot be read raises ConfigError."""
     settings = render_settings(cfg)
     # Read before the run root is made: a manifest that cannot be read stops the run leaving nothing behind.
     if cfg.manifest:
@@ -40,18 +42,22 @@ def run(cfg: DictConfig) -> int:
 
     results = {r["id"]: r for r in store.read_results()}
     valid_ids = {row.job.id for row in rows}
+    ours = [row.job.id for row in rows]  # the keys of this run's rows in results (older runs' rows may be there too)
     for error in errors:
         # a row without an id, or repeating one, is named by its row number
         key = error.id if error.id is not None and error.id not in valid_ids else f"{error.id or ''} (row {error.row})".lstrip()
         results[key] = {"id": key, "status": "failed", "error": error.reason}
+        ours.append(key)
         log.error("%s: %s", key, error.reason)
-    todo = [
-        (row, settings_for(row, settings))
-        for row in rows
-        if not (results.get(row.job.id, {}).get("status") == "done" and store.output_exists(row.output))
-    ]
-    if len(todo) < len(rows):
-        log.info("%d of %d rows already finished: skipped", len(rows) - len(todo), len(rows))
+    finished = [row for row in rows if results.get(row.job.id, {}).get("status") == "done" and store.output_exists(row.output)]
+    failed_for_good = [] if cfg.retry_failed else [row for row in rows if _failed_for_good(results.get(row.job.id, {}))]
+    skipped = {row.job.id for row in finished + failed_for_good}
+    todo = [(row, settings_for(row, settings)) for row in rows if row.job.id not in skipped]
+    if finished:
+        log.info("%d of %d rows already finished: skipped", len(finished), len(rows))
+    if failed_for_good:
+        log.info("%d rows failed for good in an earlier run: skipped (retry_failed=true renders them again)",
+                 len(failed_for_good))
     store.write_results(list(results.values()))
 
     def record(row: dict) -> None:
@@ -83,12 +89,19 @@ def run(cfg: DictConfig) -> int:
             if started_ray:
                 ray.shutdown()
 
-    failed = [r for r in results.values() if r["status"] == "failed"]
-    done = [r for r in results.values() if r["status"] == "done"]
+    rows_now = [results[key] for key in ours if key in results]
+    done = [r for r in rows_now if r["status"] == "done"]
+    for_good = [r for r in rows_now if r["status"] == "failed" and not r.get("retryable")]
+    retryable = [r for r in rows_now if r["status"] == "failed" and r.get("retryable")]
     for r in done:
         print(f"{r['id']}: {r['output']}")
-    print(f"{len(done)} done, {len(failed)} failed; results: {store.results_path}")
-    return 1 if failed else 0
+    print(f"{len(done)} done, {len(for_good)} failed for a reason a retry cannot fix, {len(retryable)} failed after "
+          f"their retries (a re-run tries them again); results: {store.results_path}")
+    return 1 if retryable else 0
+
+
+def _failed_for_good(result: dict) -> bool:
+    return result.get("status") == "failed" and result.get("retryable") is False
 
 
 def _start_ray(cfg) -> None:

@@ -304,7 +304,7 @@ class Scheduler:
             reason = cause.reason if isinstance(cause, WorkerError) else _first_line(cause)
             reason = f"{context}: {reason}" if context else reason
             self.progress.job_failed(task.id, reason)
-            self.on_result(self._row(task, "failed", False, error=reason))
+            self.on_result(self._row(task, "failed", False, error=reason, retryable=retryable))
         else:
             log.warning("job %s: attempt %d failed (%s); retrying", task.id, task.attempts, type(cause).__name__)
             self.to_encode.appendleft(task) if task.inputs is None else self.ready.insert(0, task)

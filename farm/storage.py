@@ -46,6 +46,11 @@ RESULTS_SCHEMA = pa.schema(
         ("attempts", pa.int64()),  # over all runs; > 1 when the job was resumed or retried: worth a look
         ("finished", pa.timestamp("ms", tz="UTC")),  # when the row reached its status (parquet has no "s" unit)
         ("next_window", pa.int64()),  # an interrupted row: the window a re-run starts at
+        # A failed row: whether running it again can help. false: the same inputs and settings fail the
+        # same way (a re-run skips it unless retry_failed=true); true: a retry might get past it (I/O, out
+        # of memory, a lost worker), its retries used up. Null for a row that failed the manifest's checks,
+        # which every run makes again.
+        ("retryable", pa.bool_()),
         # Done rows, from the window log (farm/timings.py): seconds per stage over every window rendered,
         # in every run; the device's stages sum to at most render_seconds (the rest is the loop's own work;
         # segment and store run beside the device's next window).

@@ -150,8 +150,10 @@ def test_malformed_rows_get_reasons_and_the_rest_finish(ray_cluster, manifest, t
     bad = folder / "bad.jsonl"
     bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
     store = RunStore(str(tmp_path / "run"))
-    assert run(config(f"manifest={bad}", f"storage.root={store.url}")) == 1  # some rows failed
+    # failed the manifest's checks, which a retry cannot fix: the run itself succeeded
+    assert run(config(f"manifest={bad}", f"storage.root={store.url}")) == 0
     results = {r["id"]: r for r in store.read_results()}
+    assert results["unreadable"]["retryable"] is None and results["missing"]["retryable"] is None  # checked every run
     assert results["good"]["status"] == results["fine"]["status"] == "done"
     assert "nowhere.wav" in results["missing"]["error"]
     assert "notes.wav" in results["unreadable"]["error"]
@@ -174,6 +176,7 @@ def test_past_its_retry_budget_a_job_fails_with_the_reason(ray_cluster, manifest
     assert outcome.get("code") == 1
     results = {r["id"]: r for r in store.read_results()}
     assert results["long"]["status"] == "failed" and "died" in results["long"]["error"], results["long"]
+    assert results["long"]["retryable"] is True  # a lost worker: the run failed, and a re-run tries the row again
     assert all(results[job]["status"] == "done" for job in JOBS if job != "long")
     assert store.load_state("long").next_window >= 1  # the finished windows are kept for a re-run
 
@@ -230,7 +233,7 @@ def test_a_renderer_whose_jobs_keep_failing_is_replaced(ray_cluster, manifest, t
     replaced = [r.getMessage() for r in caplog.records if r.getMessage().startswith("replacing renderer-")]
     assert len(replaced) == 2 and all("1 jobs failed in a row" in m for m in replaced), replaced
     row = store.read_results()[0]
-    assert row["status"] == "failed" and row["attempts"] == 2, row
+    assert row["status"] == "failed" and row["attempts"] == 2 and row["retryable"] is True, row
 
 
 def test_a_sequence_parallel_group_renders_what_one_renderer_renders(ray_cluster, manifest, undisturbed, tmp_path):
@@ -276,13 +279,19 @@ def test_an_error_a_retry_cannot_fix_fails_the_row_at_once_with_its_traceback_lo
     store.save_config("")
     (tmp_path / "run" / "jobs" / "a").mkdir(parents=True)
     (tmp_path / "run" / "jobs" / "a" / "state.json").write_text("{not json")  # the same on every attempt
+    overrides = (f"manifest={one}", f"storage.root={store.url}", "cluster.max_retries=3")
     with caplog.at_level("ERROR", logger="farm.scheduler"):
-        assert run(config(f"manifest={one}", f"storage.root={store.url}", "cluster.max_retries=3")) == 1
+        assert run(config(*overrides)) == 0  # a row failed for good: not a failure of the run
     row = store.read_results()[0]
-    assert row["status"] == "failed" and row["attempts"] == 1, row
+    assert row["status"] == "failed" and row["attempts"] == 1 and row["retryable"] is False, row
     assert row["error"].startswith("JSONDecodeError: Expecting property name"), row
     tracebacks = [r.getMessage() for r in caplog.records if "Traceback" in r.getMessage()]
     assert len(tracebacks) == 1 and "json.decoder.JSONDecodeError" in tracebacks[0] and "load_state" in tracebacks[0]
+
+    assert run(config(*overrides)) == 0
+    assert store.read_results()[0]["attempts"] == 1  # a re-run skips it ...
+    assert run(config(*overrides, "retry_failed=true")) == 0
+    assert store.read_results()[0]["attempts"] == 2  # ... unless asked
 
 
 def test_a_renderer_that_cannot_load_stops_the_run_and_keeps_the_rows_for_a_rerun(ray_cluster, manifest, tmp_path, caplog):
