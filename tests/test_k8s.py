@@ -39,6 +39,8 @@ TARGETS = ["base"] + [f"overlays/{name}" for name in OVERLAYS]
 CPU_ONLY = {"overlays/dev-cpu"}  # the targets whose workers have no GPU, on purpose
 OBJECT_STORE_SCHEMES = {"s3", "gs", "gcs", "az", "abfs", "abfss"}
 SECRET_NAME = "talkfarm-object-store"  # the Secret the pods take object storage credentials from
+# The fastest settings measured on an 80 GB GPU (benchmarks/RESULTS.md): every GPU target renders with them
+FASTEST = {"memory": "fast", "quant": "fp8", "attention": "int8fp8"}
 Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 Obj = dict[str, Any]
@@ -450,6 +452,9 @@ def _check_rayjob(obj: Obj, cpu_only: bool) -> Iterator[str]:
                 mounts = [m["mountPath"] for m in pod.get("containers", [{}])[0].get("volumeMounts", [])]
                 if not any(weights == m or weights.startswith(m.rstrip("/") + "/") for m in mounts):
                     yield f"{where}: model.weights={weights} is not under any mount of the Ray container"
+        for key, value in FASTEST.items():
+            if overrides.get(key) != value:
+                yield f"spec.entrypoint: a GPU target must render with {key}={value} (the measured fastest), not {overrides.get(key)!r}"
 
 
 def violations(obj: Obj, *, cpu_only: bool = False) -> list[str]:
@@ -794,6 +799,7 @@ def _entrypoint(program: str = "talkfarm", **changes: str | None) -> str:
         "model.weights": "/weights",
         "cluster": "address",
         "cluster.address": "auto",
+        **FASTEST,
     }
     overrides.update({key.replace("__", "."): value for key, value in changes.items()})
     return " ".join([program, *(f"{key}={value}" for key, value in overrides.items() if value is not None)])
@@ -808,6 +814,8 @@ def _entrypoint(program: str = "talkfarm", **changes: str | None) -> str:
         ({"entrypoint": _entrypoint(model__weights="/models")}, "is not under any mount"),
         ({"entrypoint": _entrypoint(model="tiny", model__weights=None)}, "must choose the real model"),
         ({"entrypoint": _entrypoint(cluster=None, cluster__address=None)}, "cluster=address cluster.address=auto"),
+        ({"entrypoint": _entrypoint(memory=None)}, "must render with memory=fast"),
+        ({"entrypoint": _entrypoint(attention="sdpa")}, "must render with attention=int8fp8"),
         ({"shutdownAfterJobFinishes": False}, "needs shutdownAfterJobFinishes"),
         ({"clusterSelector": {"ray.io/cluster": "talkfarm"}}, "exactly one of rayClusterSpec and clusterSelector"),
         ({"activeDeadlineSeconds": 0}, "activeDeadlineSeconds must be a positive cap"),
@@ -913,3 +921,16 @@ def test_docs_cover_every_overlay_and_long_job_submission():
         assert f"k8s/overlays/{name}" in text, name
     for phrase in ("ray job submit", "--no-wait", "ray job status", "ray job logs", "--follow"):
         assert phrase in text, phrase
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_the_entrypoint_is_a_config_the_cli_accepts(target):
+    """Every key and value the RayJob passes composes and validates as `talkfarm` would take it."""
+    from hydra import compose, initialize_config_module
+
+    from farm.config import validate
+
+    job = next(o for o in rendered(target) if o["kind"] == "RayJob")
+    argv = shlex.split(job["spec"]["entrypoint"])[1:]
+    with initialize_config_module("conf", version_base=None):
+        validate(compose("config", overrides=argv))
