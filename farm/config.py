@@ -239,6 +239,12 @@ def validate(cfg: DictConfig) -> None:
             "job.audio=<file> (with job.image or job.video) for one job"
         )
 
+    from farm.storage import missing_backend
+
+    for key, url in (("manifest", cfg.manifest), ("storage.root", cfg.storage.root)):
+        if url and (problem := missing_backend(url)):
+            raise ConfigError(f"{key}={url}: {problem}")
+
     cluster = cfg.cluster
     _one_of("cluster.mode", cluster.mode, CLUSTER_MODES)
     if (cluster.mode == "address") != (cluster.address is not None):

