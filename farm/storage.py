@@ -15,11 +15,18 @@ a local disk; on object stores a single PUT is already all-or-nothing and `mv` i
 the same code is safe there too. A writer that dies leaves at most a temporary file, which no reader
 looks at.
 
-One writer per job at a time (the scheduler's job-to-actor affinity); any number of readers.
+One writer per job at a time (the scheduler's job-to-actor affinity); any number of readers. An operation
+that cannot reach the store (a server restarting, the network) is tried again, whole, for up to
+RETRY_SECONDS with growing pauses; any other error is raised at once.
 """
 
+import contextlib
+import functools
+import itertools
 import json
+import logging
 import posixpath
+import time
 import uuid
 from pathlib import Path
 
@@ -31,6 +38,48 @@ from fsspec.implementations.local import LocalFileSystem
 
 from farm.timings import STAGES
 from pipeline.job import ResumeState
+
+log = logging.getLogger(__name__)
+
+
+def _unreachable_errors() -> tuple[type[BaseException], ...]:
+    """What a store raises while it cannot be reached: the OS's connection errors and timeouts, aiohttp's
+    (gcsfs, adlfs) and botocore's (s3fs: not OSErrors), where those are installed."""
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    with contextlib.suppress(ImportError):
+        import aiohttp
+
+        errors.append(aiohttp.ClientConnectionError)
+    with contextlib.suppress(ImportError):
+        import botocore.exceptions
+
+        errors.append(botocore.exceptions.ConnectionError)
+    return tuple(errors)
+
+
+UNREACHABLE = _unreachable_errors()
+RETRY_SECONDS = 120  # a store operation that cannot reach the store is tried again for this long ...
+RETRY_DELAYS = (1, 2, 4, 8, 16)  # ... after these pauses, then every 16 s
+
+
+def _retried(operation):
+    """Run a RunStore operation again, whole, while the store cannot be reached, for up to RETRY_SECONDS.
+    Every operation is safe to repeat: each write goes to a fresh temporary name and is moved into place."""
+
+    @functools.wraps(operation)
+    def retrying(self, *args, **kwargs):
+        deadline = time.monotonic() + RETRY_SECONDS
+        for attempt in itertools.count(1):
+            try:
+                return operation(self, *args, **kwargs)
+            except UNREACHABLE as error:
+                delay = RETRY_DELAYS[min(attempt, len(RETRY_DELAYS)) - 1]
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("%s: %s (%s); trying again in %d s", self.url, operation.__name__, error, delay)
+                time.sleep(delay)
+
+    return retrying
 
 RESULTS_SCHEMA = pa.schema(
     [
@@ -93,9 +142,11 @@ class RunStore:
 
     # ------------------------------------------------------------------------------------ the run
 
+    @_retried
     def save_config(self, text: str) -> None:
         self._write(self._path("config.yaml"), text.encode())
 
+    @_retried
     def write_results(self, rows: list[dict]) -> None:
         """Replace the results table with `rows` (dicts keyed by RESULTS_SCHEMA's columns; a missing
         column is null)."""
@@ -114,6 +165,7 @@ class RunStore:
         pq.write_table(pa.Table.from_pylist(rows, schema=RESULTS_SCHEMA), sink)
         self._write(self._path("results.parquet"), sink.getvalue().to_pybytes())
 
+    @_retried
     def read_results(self) -> list[dict]:
         """The results table as dicts (None for nulls); empty before the first write."""
         data = self._read(self._path("results.parquet"))
@@ -121,6 +173,7 @@ class RunStore:
             return []
         return pq.read_table(pa.BufferReader(data)).to_pylist()
 
+    @_retried
     def publish_output(self, local_path: str | Path, name: str) -> str:
         """Upload a finished video as outputs/<name>, replacing any earlier one; returns where it is
         (a local path, or a URL). The caller verifies the local file first."""
@@ -128,6 +181,7 @@ class RunStore:
         self._upload(local_path, path)
         return self._location(path)
 
+    @_retried
     def output_exists(self, name: str) -> bool:
         path = self._path("outputs", _component("output name", name))
         self.fs.invalidate_cache(posixpath.dirname(path))
@@ -135,6 +189,7 @@ class RunStore:
 
     # -------------------------------------------------------------------------------- one job
 
+    @_retried
     def save_state(self, job_id: str, state: ResumeState, segment_names: list[str]) -> None:
         """Record `state` as the job's resume point. `segment_names` are the put_segment names of
         `state.segments`, in order; they must already be uploaded.
@@ -161,6 +216,7 @@ class RunStore:
             if name.startswith("state-") and name.endswith(".safetensors") and name != tensor:
                 self.fs.rm(f"{job}/{name}")
 
+    @_retried
     def load_state(self, job_id: str) -> ResumeState | None:
         """The job's resume point, or None if it has none (never started, or cleared). Its segments
         are names in the job's directory: fetch_segments turns them into local files."""
@@ -175,12 +231,14 @@ class RunStore:
             latents = tensors["motion_latents"]
         return ResumeState(record["next_window"], latents, record["segments"])
 
+    @_retried
     def put_segment(self, job_id: str, local_path: str | Path) -> str:
         """Upload a window's segment into the job's directory under its file name; returns that name."""
         name = _component("segment name", Path(local_path).name)
         self._upload(local_path, f"{self._job_dir(job_id)}/{name}")
         return name
 
+    @_retried
     def fetch_segments(self, job_id: str, names: list[str], local_dir: str | Path) -> list[Path]:
         """Download the named segments into `local_dir` (created if needed); returns their paths in
         the order given."""
@@ -192,6 +250,7 @@ class RunStore:
             self.fs.get([f"{job}/{name}" for name in names], [str(path) for path in paths])
         return paths
 
+    @_retried
     def append_window_log(self, job_id: str, record: dict) -> None:
         """Add a record (JSON-serialisable, with int `window` and `attempt`) to the job's window log.
 
@@ -202,6 +261,7 @@ class RunStore:
         name = f"{record['window']:05d}-attempt{record['attempt']}.json"
         self._write(f"{self._job_dir(job_id)}/windows/{name}", json.dumps(record).encode())
 
+    @_retried
     def read_window_log(self, job_id: str) -> list[dict]:
         """All of the job's window records, ordered by (window, attempt)."""
         log_dir = f"{self._job_dir(job_id)}/windows"

@@ -38,32 +38,46 @@ def free_port() -> int:
             return port
 
 
+class SeaweedFS:
+    """`weed mini` on free ports of 127.0.0.1, keeping its data in `data` across a stop and a start."""
+
+    def __init__(self, data: Path):
+        self.data, self.process = data, None
+        self.ports = {name: free_port() for name in ("master", "volume", "filer", "s3", "admin")}
+        self.env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{self.ports['s3']}", "AWS_ACCESS_KEY_ID": "talkfarm",
+                    "AWS_SECRET_ACCESS_KEY": "talkfarm-test", "AWS_DEFAULT_REGION": "us-east-1"}
+
+    def start(self) -> None:
+        command = [WEED, "mini", f"-dir={self.data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-webdav=false",
+                   "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+                   *(f"-{name}.port={port}" for name, port in self.ports.items())]
+        log = (self.data / "weed.log").open("a")
+        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 60
+        while True:  # ready once the bucket can be made (or is there)
+            try:
+                fsspec.filesystem("s3", skip_instance_cache=True).makedirs("talkfarm", exist_ok=True)
+                return
+            except Exception:  # noqa: BLE001 - not up yet
+                if time.time() > deadline or self.process.poll() is not None:
+                    raise RuntimeError(f"SeaweedFS did not start: {(self.data / 'weed.log').read_text()[-2000:]}")
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
-    """The server's environment for a client: endpoint and (any) credentials."""
-    data = tmp_path_factory.mktemp("seaweedfs")
-    ports = {name: free_port() for name in ("master", "volume", "filer", "s3", "admin")}
-    command = [WEED, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-webdav=false", "-admin.ui=false",
-               "-s3.port.iceberg=0", "-s3.port.lance=0", *(f"-{name}.port={port}" for name, port in ports.items())]
-    server = subprocess.Popen(command, stdout=(data / "weed.log").open("w"), stderr=subprocess.STDOUT)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{ports['s3']}", "AWS_ACCESS_KEY_ID": "talkfarm",
-           "AWS_SECRET_ACCESS_KEY": "talkfarm-test", "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
+    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"))
+    saved = {key: os.environ.get(key) for key in server.env}
+    os.environ.update(server.env)  # for this process and the CLI runs it starts
     try:
-        deadline = time.time() + 60
-        while True:  # ready once a bucket can be made
-            try:
-                fsspec.filesystem("s3", skip_instance_cache=True).mkdir("talkfarm")
-                break
-            except Exception:  # noqa: BLE001 - not up yet
-                if time.time() > deadline or server.poll() is not None:
-                    raise RuntimeError(f"SeaweedFS did not start: {(data / 'weed.log').read_text()[-2000:]}")
-                time.sleep(0.5)
-        yield env
+        server.start()
+        yield server
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        server.stop()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -144,6 +158,41 @@ def test_a_killed_driver_resumes_from_the_windows_stored_on_s3(bucket_manifest, 
     plan = plan_windows(frames_for_duration(JOBS["long"]), 33, 9)
     assert sorted(r["window"] for r in log) == list(range(len(plan)))  # every window once ...
     assert all((r["finished"] < killed) == (r["window"] < stored) for r in log)  # ... the stored ones from the first run
+
+
+def test_the_store_down_for_a_while_mid_run_costs_nothing(s3, bucket_manifest, tmp_path):
+    """Stopped after the first stored window and started again 15 s later: the run waits for it
+    (storage retries) and ends as an undisturbed run does, its outputs decoding to the same frames."""
+    root = "s3://talkfarm/runs/outage"
+    store = RunStore(root)
+    log = tmp_path / "outage.log"
+    driver = talkfarm(bucket_manifest, root, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    deadline = time.time() + 600
+    while not store.read_window_log("long") and time.time() < deadline and driver.poll() is None:
+        time.sleep(0.2)
+    s3.stop()
+    time.sleep(15)
+    s3.start()
+    finished(driver, log)
+    assert "trying again in" in log.read_text()  # the outage was seen, and waited out
+    rows = {r["id"]: r for r in store.read_results()}
+    assert all(r["status"] == "done" for r in rows.values()), rows
+    fs = fsspec.filesystem("s3")
+    # Every object under its final name is whole; a write the outage broke off left at most a hidden
+    # temporary, which no reader looks at.
+    fs.invalidate_cache()
+    for path in fs.find("talkfarm/runs/outage"):
+        if path.endswith(".json"):
+            json.loads(fs.cat_file(path))
+    undisturbed = tmp_path / "undisturbed"
+    finished(talkfarm(bucket_manifest, "s3://talkfarm/runs/undisturbed", stdout=subprocess.DEVNULL,
+                      stderr=subprocess.DEVNULL), log)
+    for job in JOBS:
+        ours, theirs = tmp_path / f"{job}.mp4", undisturbed.with_name(f"{job}-undisturbed.mp4")
+        fs.get_file(f"{root}/outputs/{job}.mp4", str(ours))
+        fs.get_file(f"s3://talkfarm/runs/undisturbed/outputs/{job}.mp4", str(theirs))
+        assert media.probe(ours).video.frame_count == media.probe(theirs).video.frame_count
+        assert (media.read_video_frames(ours, fps=None) - media.read_video_frames(theirs, fps=None)).abs().max() == 0, job
 
 
 def test_a_url_whose_backend_is_not_installed_is_refused_in_one_line(tmp_path):
