@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from farm import storage
 from farm.storage import RESULTS_SCHEMA, RunStore
 from pipeline.job import ResumeState
 
@@ -252,19 +253,37 @@ def test_publish_exposes_only_whole_outputs(store, tmp_path, monkeypatch):
     assert fs.cat_file(path) == video.read_bytes()
 
 
-def test_failed_upload_leaves_nothing(store, tmp_path, monkeypatch):
+def test_failed_upload_leaves_nothing_however_often_it_is_tried_again(store, tmp_path, monkeypatch):
     video = tmp_path / "final.mp4"
     video.write_bytes(b"x" * 10_000)
+    tries = []
 
     def broken_put_file(local, remote, **kwargs):
+        tries.append(remote)
         store.fs.pipe_file(remote, b"x" * 100)  # part of the upload landed
         raise ConnectionError("connection reset")
 
     monkeypatch.setattr(store.fs, "put_file", broken_put_file)
+    monkeypatch.setattr(storage, "RETRY_SECONDS", 0.5)
+    monkeypatch.setattr(storage, "RETRY_DELAYS", (0.05,))
     with pytest.raises(ConnectionError):
         store.publish_output(video, "a.mp4")
+    assert len(tries) > 2 and len(set(tries)) == len(tries)  # tried again, whole, each time to a new temporary
     assert not store.output_exists("a.mp4")
     assert files(store, "outputs") == []
+
+
+def test_an_error_that_is_not_the_store_being_unreachable_is_not_tried_again(store, monkeypatch):
+    tries = []
+
+    def refused(*args, **kwargs):
+        tries.append(args)
+        raise PermissionError("access denied")
+
+    monkeypatch.setattr(store.fs, "pipe_file", refused)
+    with pytest.raises(PermissionError):
+        store.save_config("model: tiny\n")
+    assert len(tries) == 1
 
 
 def test_config(store):
