@@ -357,6 +357,10 @@ def _check_security(obj: Obj) -> Iterator[str]:
         for flag in ("hostNetwork", "hostPID", "hostIPC"):
             if pod.get(flag):
                 yield f"{where}: {flag} is set"
+        if "headGroupSpec" not in where and pod.get("automountServiceAccountToken") is not False:
+            yield f"{where}: automountServiceAccountToken must be false (only the head's autoscaler calls the API)"
+        if pod.get("securityContext", {}).get("seccompProfile", {}).get("type") != "RuntimeDefault":
+            yield f"{where}: seccompProfile must be RuntimeDefault"
         if pod.get("securityContext", {}).get("runAsNonRoot") is False:
             yield f"{where}: runAsNonRoot is false"
         for volume in pod.get("volumes", []):
@@ -428,6 +432,8 @@ def _check_rayjob(obj: Obj, cpu_only: bool) -> Iterator[str]:
         yield "spec.activeDeadlineSeconds must be a positive cap (a hung run must not hold GPUs forever)"
     if spec.get("backoffLimit", 0) < 0:
         yield "spec.backoffLimit must not be negative"
+    if mode == "K8sJobMode" and not spec.get("submitterPodTemplate"):
+        yield "spec.submitterPodTemplate must be set: KubeRay's default submitter has no securityContext"
     # The batch itself
     program, overrides = entrypoint_overrides(spec.get("entrypoint", ""))
     if program != "talkfarm":
@@ -819,6 +825,7 @@ def _entrypoint(program: str = "talkfarm", **changes: str | None) -> str:
         ({"shutdownAfterJobFinishes": False}, "needs shutdownAfterJobFinishes"),
         ({"clusterSelector": {"ray.io/cluster": "talkfarm"}}, "exactly one of rayClusterSpec and clusterSelector"),
         ({"activeDeadlineSeconds": 0}, "activeDeadlineSeconds must be a positive cap"),
+        ({"submitterPodTemplate": None}, "submitterPodTemplate must be set"),
         ({"submissionMode": "K8sMode"}, "is not one of"),
         ({"submissionMode": "InteractiveMode"}, "incompatible with InteractiveMode"),
     ],
@@ -934,3 +941,14 @@ def test_the_entrypoint_is_a_config_the_cli_accepts(target):
     argv = shlex.split(job["spec"]["entrypoint"])[1:]
     with initialize_config_module("conf", version_base=None):
         validate(compose("config", overrides=argv))
+
+
+def test_pods_that_need_no_api_token_get_none_and_every_pod_has_the_default_seccomp():
+    job = base_object("RayJob")
+    assert violations(job) == []
+    worker = cluster_spec(job)["workerGroupSpecs"][0]["template"]["spec"]
+    del worker["automountServiceAccountToken"]
+    job["spec"]["submitterPodTemplate"]["spec"]["securityContext"].pop("seccompProfile")
+    found = violations(job)
+    assert any("workerGroupSpecs[0]" in p and "automountServiceAccountToken" in p for p in found), found
+    assert any(p.startswith("spec.submitterPodTemplate: seccompProfile") for p in found), found
