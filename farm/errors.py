@@ -20,7 +20,7 @@ from pipeline.models.checkpoints import CheckpointError
 INPUT_ERRORS = (JobError, MediaError, CheckpointError)  # their message is the row's reason as it is
 # What a second attempt (a fresh renderer, another node, the object store again) can get past; any other
 # exception is deterministic for the same inputs and settings, and is not retried.
-RETRYABLE = (OSError, TimeoutError, torch.OutOfMemoryError, torch.distributed.DistError, *UNREACHABLE)
+RETRYABLE = (OSError, torch.OutOfMemoryError, torch.distributed.DistError, *UNREACHABLE)  # UNREACHABLE: timeouts too
 
 
 class WorkerError(Exception):
