@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from contextlib import closing
 from dataclasses import dataclass
@@ -98,7 +99,48 @@ def _load_encoders(spec: ActorSpec) -> Models:
     return Models(t5=CachedPrompts(loaded.t5), clip=loaded.clip, wav2vec=loaded.wav2vec)
 
 
-@ray.remote
+class DeviceTurns:
+    """The order in which a renderer's jobs use its device: job `turn` (0, 1, 2, ... as the scheduler
+    numbered them) waits until every earlier one is off the device. A renderer takes its next job while
+    it still encodes and stores the last window of the current one (pipeline.render's device_lock), and
+    the members of a sequence-parallel group must run their jobs in the same order, whichever of their
+    two calls Ray starts first."""
+
+    def __init__(self):
+        self._next = 0  # the turn whose job may use the device now
+        self._changed = threading.Condition()
+
+    def wait(self, turn: int) -> None:
+        with self._changed:
+            self._changed.wait_for(lambda: self._next >= turn)
+
+    def done(self, turn: int) -> None:
+        """Turn `turn` is over: its job left the device, or ended before it used it (called again, nothing)."""
+        with self._changed:
+            self._next = max(self._next, turn + 1)
+            self._changed.notify_all()
+
+    def hold(self, turn: int) -> "DeviceHold":
+        return DeviceHold(self, turn)
+
+
+class DeviceHold:
+    """The device for turn `turn`, as a context manager; `began` is the wall time it was taken."""
+
+    def __init__(self, turns: DeviceTurns, turn: int):
+        self.turns, self.turn, self.began = turns, turn, None
+
+    def __enter__(self) -> "DeviceHold":
+        self.turns.wait(self.turn)
+        self.began = time.time()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.turns.done(self.turn)
+
+
+# Two calls at a time: the next job's, which waits for its device turn, beside the current job's end.
+@ray.remote(max_concurrency=2)
 class Renderer:
     """One GPU's renderer, or one member (`rank` of `world`) of a sequence-parallel group: the group's
     members run the same window loop in lockstep (pipeline.parallel), rank 0 stores and reports."""
@@ -108,26 +150,35 @@ class Renderer:
         self.models = Loaded(lambda: _load_renderer(spec, rank, world, rendezvous))
         self.store = RunStore(run_root)
         self.scratch = renderer_scratch()
+        self.turns = DeviceTurns()
 
     def close(self) -> None:
         """Remove the scratch folder; the driver calls it before it kills the renderer at the run's end."""
         shutil.rmtree(self.scratch, ignore_errors=True)
 
-    def render(self, job: Job, inputs: JobInputs, settings: RenderSettings, attempt: int):
-        """Render the job from its last stored window on; yields a progress event after every window
-        (a streaming generator, so the driver sees progress while the job runs). Ranks > 0 of a
-        group compute along and yield nothing."""
+    def render(self, job: Job, inputs: JobInputs, settings: RenderSettings, attempt: int, turn: int):
+        """Render the job from its last stored window on, once device turn `turn` comes (DeviceTurns);
+        yields a progress event after every window (a streaming generator, so the driver sees progress
+        while the job runs). Ranks > 0 of a group compute along and yield nothing."""
+        device = self.turns.hold(turn)
+        try:
+            yield from self._render(job, inputs, settings, attempt, device)
+        finally:
+            self.turns.done(turn)  # also when the job failed before it took the device
+
+    def _render(self, job: Job, inputs: JobInputs, settings: RenderSettings, attempt: int, device: DeviceHold):
         models = self.models.get()
         with as_worker_error():
             stored = self.store.load_state(job.id)
             names = list(stored.segments) if stored else []
             state = stored or ResumeState()
             workdir = self.scratch / job.id  # removed after the job, however it ends
-            started = time.time()
+            started = None  # the first window's time runs from when the job took the device
             try:
                 # closing: a failure here stops the device's thread (pipeline.ahead) before the next job
-                with closing(render_windows(models, job, inputs, settings, workdir, state)) as reports:
+                with closing(render_windows(models, job, inputs, settings, workdir, state, device_lock=device)) as reports:
                     for report in reports:  # each comes as the device renders the next window
+                        started = started or device.began
                         if self.rank > 0:
                             Path(report.state.segments[-1]).unlink()
                             continue

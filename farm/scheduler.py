@@ -1,8 +1,11 @@
 """The farm's scheduler: one loop over ray.wait that moves jobs through encode -> render -> finish.
 
 - Encoders run ahead of the renderers (bounded by `max_in_flight`), so a GPU never waits on T5/wav2vec2.
-- A renderer takes one job at a time; the longest encoded job goes first, so the long tail of a
-  manifest does not end with one GPU rendering its longest job alone.
+- A renderer renders one job at a time; the longest encoded job goes first, so the long tail of a
+  manifest does not end with one GPU rendering its longest job alone. A renderer on its job's last
+  window is given its next job then: it starts on the device as soon as that window is off it, while
+  the renderer still encodes and stores the window (farm.actors.DeviceTurns), so the GPU does not
+  wait on x264 at a job's end.
 - Rendering is a streaming generator: one event per window, which drives the progress display.
 - A renderer that dies (ray.kill, OOM, lost node) is replaced; its job goes back to the queue and
   resumes from its last stored window on whichever renderer is free. Each job has a retry budget, spent
@@ -82,6 +85,7 @@ class RendererGroup:
 
     def __init__(self, name: str, size: int, spec: ActorSpec, run_root: str, resources: dict):
         self.name, self.failures = name, 0  # failures: jobs failed in a row
+        self.turns = 0  # jobs given to it so far: the next one's device turn
         options = {"num_cpus": resources["CPU"], "num_gpus": resources.get("GPU", 0)}
         self.placement = None
         if size == 1:
@@ -103,10 +107,9 @@ class RendererGroup:
 
     def render(self, task: Task) -> tuple[object, list]:
         """Start the task on every member: (rank 0's generator of window events, the others')."""
-        leader, *others = (
-            actor.render.remote(task.row.job, task.inputs, task.settings, task.earlier_attempts + task.attempts + 1)
-            for actor in self.actors
-        )
+        attempt, turn = task.earlier_attempts + task.attempts + 1, self.turns
+        self.turns += 1
+        leader, *others = (actor.render.remote(task.row.job, task.inputs, task.settings, attempt, turn) for actor in self.actors)
         return leader, others
 
     def kill(self) -> None:
@@ -127,31 +130,30 @@ class Scheduler:
     on_result: Callable[[dict], None]  # called with each finished or failed row
     encoders: list = field(default_factory=list)
     groups: list[RendererGroup] = field(default_factory=list)  # every live renderer
-    idle: list[RendererGroup] = field(default_factory=list)  # renderers without a job
     to_encode: deque = field(default_factory=deque)
     encoding: dict = field(default_factory=dict)  # meta ref -> (task, encoder slot)
     ready: list[Task] = field(default_factory=list)  # encoded, waiting for a renderer
-    rendering: dict = field(default_factory=dict)  # rank 0's generator -> (task, its group)
-    followers: dict = field(default_factory=dict)  # the other ranks' generators -> their group
+    rendering: dict = field(default_factory=dict)  # rank 0's generator -> (task, its group); two at most per group
+    followers: dict = field(default_factory=dict)  # the other ranks' generators -> (task, their group)
     finishing: dict = field(default_factory=dict)  # finish task ref -> task
     _spawned: int = 0
 
     def start(self) -> None:
         self.encoders = [self._encoder() for _ in range(self.resources.encoders)]
         for size in self.resources.group_sizes:
-            self.idle.append(self._spawn(size))
+            self._spawn(size)
 
     def stop(self) -> None:
         # Let idle renderers remove their scratch folders first; a busy or dead one is killed as it is,
         # and the next renderer to start on its machine removes what it left.
-        closing = [actor.close.remote() for group in self.idle for actor in group.actors]
+        closing = [actor.close.remote() for group in self._idle() for actor in group.actors]
         if closing:
             ray.wait(closing, num_returns=len(closing), timeout=CLOSE_TIMEOUT_S)
         for group in self.groups:
             group.kill()
         for actor in self.encoders:
             ray.kill(actor, no_restart=True)
-        self.groups, self.idle, self.encoders = [], [], []
+        self.groups, self.encoders = [], []
 
     def _encoder(self):
         return Encoder.options(**self.resources.encoder).remote(self.spec)
@@ -163,20 +165,37 @@ class Scheduler:
         return group
 
     def _replace(self, group: RendererGroup, reason: str) -> RendererGroup:
-        """Kill `group` and put a new one of its size among the idle renderers in its place."""
+        """Kill `group` and start a new one of its size in its place. A job it still had (the next one,
+        waiting for its turn) goes back to the queue as it is: its attempt was not its fault."""
         log.warning("replacing %s: %s", group.name, reason)
         group.kill()
         self.groups.remove(group)
-        if group in self.idle:
-            self.idle.remove(group)
         self._drop_followers(group)
-        new = self._spawn(group.size)
-        self.idle.append(new)
-        return new
+        for gen in [g for g, (_, owner) in self.rendering.items() if owner is group]:
+            task, _ = self.rendering.pop(gen)
+            self.ready.insert(0, task)
+        return self._spawn(group.size)
 
     def _drop_followers(self, group: RendererGroup) -> None:
-        for gen in [g for g, owner in self.followers.items() if owner is group]:
+        for gen in [g for g, (_, owner) in self.followers.items() if owner is group]:
             self.followers.pop(gen)
+
+    def _jobs(self, group: RendererGroup) -> list[Task]:
+        return [task for task, owner in self.rendering.values() if owner is group]
+
+    def _idle(self) -> list[RendererGroup]:
+        return [group for group in self.groups if not self._jobs(group)]
+
+    def _free_renderer(self) -> RendererGroup | None:
+        """The renderer to give the next job: an idle one, else one whose only job is on its last window."""
+        idle = self._idle()
+        if idle:
+            return idle[0]
+        for group in self.groups:
+            jobs = self._jobs(group)
+            if len(jobs) == 1 and jobs[0].windows_done >= jobs[0].meta["windows"] - 1:
+                return group
+        return None
 
     # ------------------------------------------------------------------------------------------ the loop
 
@@ -203,7 +222,7 @@ class Scheduler:
                     self._on_finished(ref)
 
     def _dispatch(self) -> None:
-        """Encode ahead (up to max_in_flight jobs encoded or encoding) and give idle renderers the
+        """Encode ahead (up to max_in_flight jobs encoded or encoding) and give free renderers the
         longest encoded jobs."""
         while self.to_encode and len(self.encoding) + len(self.ready) < self.resources.max_in_flight:
             task = self.to_encode.popleft()
@@ -211,12 +230,12 @@ class Scheduler:
             meta, task.inputs = self.encoders[slot].encode.remote(task.row.job, task.settings)
             self.encoding[meta] = (task, slot)
         self.ready.sort(key=lambda t: -t.meta["frames"])
-        while self.idle and self.ready:
-            task, group = self.ready.pop(0), self.idle.pop(0)
+        while self.ready and (group := self._free_renderer()) is not None:
+            task = self.ready.pop(0)
             task.actor, task.started = group.name, task.started or time.time()
             leader, others = group.render(task)
             self.rendering[leader] = (task, group)
-            self.followers |= {gen: group for gen in others}
+            self.followers |= {gen: (task, group) for gen in others}
 
     def _on_encoded(self, ref) -> None:
         task, slot = self.encoding.pop(ref)
@@ -242,7 +261,6 @@ class Scheduler:
         except StopIteration:
             self.rendering.pop(ref)
             group.failures = 0
-            self.idle.append(group)
             self.finishing[finish.remote(task.row.job, task.inputs, task.row.output, self.run_root)] = task
             return
         except RayActorError as error:
@@ -253,12 +271,9 @@ class Scheduler:
         except Exception as error:  # noqa: BLE001
             self.rendering.pop(ref)
             group.failures += 1
-            self._drop_followers(group)
             if group.failures >= self.resources.actor_failure_limit or group.size > 1:
                 # a group's other members may be stuck in a collective: replace it whole
                 self._replace(group, f"{group.failures} jobs failed in a row")
-            else:
-                self.idle.append(group)
             self._fail_or_retry(task, error, worker=group.name)
             return
         task.windows_done = event["window"]
@@ -266,18 +281,19 @@ class Scheduler:
 
     def _on_follower(self, ref) -> None:
         """A rank > 0 of a group ended its job (they yield nothing), or failed: the whole group goes,
-        whether its leader is still rendering or has finished."""
-        group = self.followers.pop(ref)
+        whether its leader is still rendering the job or has finished it."""
+        task, group = self.followers.pop(ref)
         try:
             ray.get(next(ref))
             return  # not reached: followers yield no events
         except StopIteration:
             return
         except Exception as error:  # noqa: BLE001
-            leader = next((gen for gen, (_, owner) in self.rendering.items() if owner is group), None)
+            leader = next((gen for gen, (t, _) in self.rendering.items() if t is task), None)
+            if leader is not None:
+                self.rendering.pop(leader)
             self._replace(group, "a member of its group died")
             if leader is not None:
-                task, _ = self.rendering.pop(leader)
                 self._fail_or_retry(task, error, f"{group.name} lost a group member after window {task.windows_done}",
                                     group.name)
 

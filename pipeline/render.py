@@ -15,7 +15,7 @@ window index), so a job resumed at window k produces the same frames as an unint
 import logging
 import time
 from collections.abc import Callable, Iterator
-from contextlib import closing
+from contextlib import AbstractContextManager, closing, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -232,6 +232,7 @@ def render_windows(
     workdir: str | Path,
     state: ResumeState | None = None,
     keep_frames: bool = False,
+    device_lock: AbstractContextManager = nullcontext(),
 ) -> Iterator[WindowReport]:
     """Render the job's windows from `state.next_window` on, yielding a report after each; each
     window's kept frames become a segment file in `workdir`. keep_frames: the report carries all the
@@ -239,14 +240,23 @@ def render_windows(
 
     The device runs ahead (pipeline.ahead): while this thread encodes window k's segment (x264, 1.6 s
     at 480p) and the caller handles its report, the device already samples window k+1. A report comes
-    once its segment file is written, so its state can be stored as it is."""
+    once its segment file is written, so its state can be stored as it is.
+
+    device_lock is held from before the first window's device work until after the last's, not while
+    the last segment is encoded: a renderer that takes its next job early passes a lock it shares with
+    that job, so the next job's first window runs while this job's last segment is encoded."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    for frames, report in run_ahead(_device_windows(models, job, inputs, settings, workdir, state, keep_frames),
-                                    name=f"render-{job.id}"):
+    device = _holding(device_lock, _device_windows(models, job, inputs, settings, workdir, state, keep_frames))
+    for frames, report in run_ahead(device, name=f"render-{job.id}"):
         started = time.perf_counter()
         media.write_video(report.state.segments[-1], frames, fps=FPS, crf=settings.crf)
         yield replace(report, stages=report.stages | {"segment": time.perf_counter() - started})
+
+
+def _holding(lock: AbstractContextManager, items: Iterator):
+    with lock:
+        yield from items
 
 
 def _device_windows(models, job, inputs, settings, workdir, state, keep_frames) -> Iterator[tuple[torch.Tensor, WindowReport]]:

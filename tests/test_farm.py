@@ -17,7 +17,7 @@ import pytest
 import ray
 from hydra import compose, initialize_config_module
 
-from farm.actors import SCRATCH_PREFIX, ActorSpec, renderer_scratch
+from farm.actors import SCRATCH_PREFIX, ActorSpec, DeviceTurns, renderer_scratch
 from farm.progress import Progress
 from farm.run import run
 from farm.scheduler import Resources, Scheduler
@@ -108,6 +108,23 @@ def test_a_rerun_skips_finished_rows(ray_cluster, manifest, undisturbed):
     assert run(config(f"manifest={manifest}", f"storage.root={undisturbed.url}")) == 0
     assert {job: undisturbed.read_window_log(job) for job in JOBS} == before  # nothing rendered again
     assert all(r["status"] == "done" for r in undisturbed.read_results())
+
+
+def test_one_renderer_starts_its_next_job_while_it_still_stores_the_last_window(ray_cluster, manifest, undisturbed, tmp_path):
+    """The next job's first window takes the device before the current job's last window is encoded
+    and stored (the GPU does not wait on x264 at a job's end), and both videos are those of a run
+    without the overlap."""
+    two = manifest.parent / "two.jsonl"
+    two.write_text("".join(json.dumps({"id": job, "image": "face.png", "audio": f"{job}.wav", "seed": seed}) + "\n"
+                           for job, seed in (("long", 4), ("b", 1))))  # the seeds of the undisturbed run
+    store = RunStore(str(tmp_path / "run"))
+    assert run(config(f"manifest={two}", f"storage.root={store.url}", "cluster.renderers=1")) == 0
+    first, second = sorted((store.read_window_log(job) for job in ("long", "b")), key=lambda log: log[0]["started"])
+    assert len(first) > 1 and {r["actor"] for r in first + second} == {"renderer-0"}
+    assert first[-2]["finished"] <= second[0]["started"] < first[-1]["finished"], (first[-2:], second[0])
+    originals = {r["id"]: r["output"] for r in undisturbed.read_results()}
+    for row in store.read_results():
+        assert Path(row["output"]).read_bytes() == Path(originals[row["id"]]).read_bytes(), row["id"]
 
 
 def test_a_killed_renderer_hands_its_job_on_without_losing_windows(ray_cluster, manifest, undisturbed, tmp_path):
@@ -316,14 +333,13 @@ def test_a_follower_lost_after_its_leader_finished_replaces_the_group_once(ray_c
     scheduler = Scheduler(spec, str(tmp_path / "run"), resources, Progress(), lambda row: None)
     try:
         group = scheduler._spawn(2)
-        scheduler.idle.append(group)  # as after its leader's StopIteration
         ray.kill(group.actors[1], no_restart=True)
-        follower = group.actors[1].render.remote(None, None, None, 1)  # fails: the actor is dead
-        scheduler.followers[follower] = group
+        follower = group.actors[1].render.remote(None, None, None, 1, 0)  # fails: the actor is dead
+        scheduler.followers[follower] = (None, group)  # its leader's job has ended
         ray.wait([follower], timeout=60)
         scheduler._on_follower(follower)
-        assert group not in scheduler.groups and group not in scheduler.idle
-        assert [g.size for g in scheduler.idle] == [2] and scheduler.idle == scheduler.groups
+        assert group not in scheduler.groups
+        assert [g.size for g in scheduler.groups] == [2] and scheduler._idle() == scheduler.groups
         assert scheduler.followers == {} and scheduler.rendering == {}
     finally:
         scheduler.stop()
@@ -357,3 +373,21 @@ def test_a_renderer_scratch_folder_replaces_those_of_renderers_that_are_gone(tmp
     scratch = renderer_scratch()
     assert scratch == tmp_path / f"{SCRATCH_PREFIX}{os.getpid()}" and scratch.is_dir()
     assert not stale.exists() and alive.is_dir()
+
+
+def test_device_turns_let_jobs_on_the_device_in_their_numbered_order_whichever_call_starts_first():
+    turns, order = DeviceTurns(), []
+
+    def job(turn: int) -> None:
+        with turns.hold(turn):
+            order.append(turn)
+
+    later = threading.Thread(target=job, args=(1,))
+    later.start()
+    time.sleep(0.2)
+    assert order == []  # turn 1 waits for turn 0
+    turns.done(0)  # turn 0's job ended before it took the device (it failed, say)
+    later.join(timeout=10)
+    assert order == [1]
+    job(2)
+    assert order == [1, 2]
