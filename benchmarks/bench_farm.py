@@ -14,14 +14,16 @@ README's CPU demo (preset=demo, memory=none): 8 windows of 33/9 on its 2 CPU ren
 
 Sampled: nvidia-smi every 100 ms (utilization, memory used; one GPU); every 0.5 s the summed VmRSS of the
 CLI's process tree (the driver and its local Ray: gcs_server, raylet, workers; shared pages such as the
-object store count once per process) and its five largest processes. From results.parquet, the window
+object store count once per process), the renderers' VmRSS and RssAnon, and its five largest processes. From results.parquet, the window
 logs and the log, afterwards: device-seconds per video-second, whole run and steady (from the end of the
 run's first window, over the frames later windows kept; devices as results.parquet counts them: 1 on one
 GPU, the 2 renderers on a CPU); each window's seconds, stages, steps, peaks and host RSS, and medians
 over steady full-length windows (each actor's first is warm-up); what the first window waited for (the
 driver's first progress line, after ray.init; model loads; compile lines; the encode); the GPU's busy
 fraction from the first window's start to the last's end, its idle gaps >= 0.5 s placed among the
-windows; memory growth from the run's 5th window to its last; TORCH_LOGS=recompiles lines. Times are
+windows; memory growth from the run's 5th window to its last, between full-length windows (host: the
+tree's RSS, which falls as idle Ray workers exit, and the renderers' RSS and RssAnon, which leaves out the
+object store's shared pages they touched); TORCH_LOGS=recompiles lines. Times are
 seconds from the command's start: log lines by their own asctime where they have one (Ray forwards
 workers' lines late), GPU samples by nvidia-smi's timestamp (a pipe may buffer them). MB: 10^6 bytes.
 
@@ -74,7 +76,8 @@ LOADED = re.compile(r"checkpoints: loaded (.+?) from .* on (\S+): .*\(([\d.]+) s
 COMPILED = re.compile(r"compiled DiT blocks in ([\d.]+) s for ")  # pipeline/kernels/compile.py, its inputs follow
 COMPILE_SETUP = ("compile_blocks: ", "compile_vae: ")  # compile.py and models/vae.py, at load
 WINDOW_KEYS = ("job", "window", "attempt", "actor", "started_s", "finished_s", "seconds", "length", "kept_frames",
-               "stages", "unstaged", "steps", "peak_allocated", "peak_reserved", "host_rss_mb")  # per window, in the JSON
+               "stages", "unstaged", "steps", "peak_allocated", "peak_reserved", "host_rss_mb", "renderer_rss_mb",
+               "renderer_anon_mb")  # per window, in the JSON
 
 
 def farm_overrides(args, manifest: Path, root: Path) -> list[str]:
@@ -163,8 +166,9 @@ class GpuSampler(threading.Thread):
         self.join()
 
 
-def process_tree(root: int) -> list[tuple[int, str, int]]:
-    """(pid, name, VmRSS kB) of `root` and every descendant, from /proc."""
+def process_tree(root: int) -> list[tuple[int, str, int, int]]:
+    """(pid, name, VmRSS kB, RssAnon kB) of `root` and every descendant, from /proc. RssAnon is the
+    process's own memory, without the object store's shared pages it has touched."""
     children, names = {}, {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -179,11 +183,12 @@ def process_tree(root: int) -> list[tuple[int, str, int]]:
         pid = todo.pop()
         todo += children.get(pid, [])
         try:
-            rss = re.search(r"^VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text(), re.M)
+            status = Path(f"/proc/{pid}/status").read_text()
         except OSError:
             continue
-        if rss:  # kernel threads have none
-            tree.append((pid, names.get(pid, "?"), int(rss.group(1))))
+        rss, anon = (re.search(rf"^{key}:\s+(\d+) kB", status, re.M) for key in ("VmRSS", "RssAnon"))
+        if rss and anon:  # kernel threads have none
+            tree.append((pid, names.get(pid, "?"), int(rss.group(1)), int(anon.group(1))))
     return tree
 
 
@@ -195,9 +200,12 @@ class HostSampler(threading.Thread):
     def run(self):
         while not self.stopped.wait(0.5):
             tree = sorted(process_tree(self.pid), key=lambda p: -p[2])
+            renderers = [p for p in tree if p[1].startswith("ray::Renderer")]
             self.samples.append({"t": time.time(), "rss_mb": sum(p[2] for p in tree) * 1024 / MB,
-                                 "processes": len(tree),
-                                 "largest": [[name, pid, round(kb * 1024 / MB, 1)] for pid, name, kb in tree[:5]]})
+                                 "renderer_rss_mb": sum(p[2] for p in renderers) * 1024 / MB,
+                                 "renderer_anon_mb": sum(p[3] for p in renderers) * 1024 / MB, "processes": len(tree),
+                                 "largest": [[name, pid, round(kb * 1024 / MB, 1), round(anon * 1024 / MB, 1)]
+                                             for pid, name, kb, anon in tree[:5]]})
 
     def stop(self):
         self.stopped.set()
@@ -291,7 +299,8 @@ def analyse(store: RunStore, job_frames: dict[str, int], window: int, motion: in
     results = store.read_results()
     windows = read_windows(store, job_frames, window, motion, t0)
     for w in windows:
-        w["host_rss_mb"] = (nearest(host, w["finished"]) or {}).get("rss_mb")
+        sample = nearest(host, w["finished"]) or {}
+        w |= {key: sample.get(key.removeprefix("host_")) for key in ("host_rss_mb", "renderer_rss_mb", "renderer_anon_mb")}
     events = log_events(lines, t0)
     video_s = sum(w["kept_frames"] for w in windows) / FPS  # the done rows' durations; a cut run's windows too
     devices = sum({w["actor"]: w["devices"] for w in windows}.values())
@@ -330,13 +339,16 @@ def analyse(store: RunStore, job_frames: dict[str, int], window: int, motion: in
                                "seconds": first["seconds"], "stages": first["stages"],
                                "encode_seconds": row.get("encode_seconds"),
                                **{k: events[k] for k in ("driver_ready_s", "loads", "renderers_ready_s", "compile")}}
-    if len(windows) >= 5:
-        fifth = windows[4]
+    # From the 5th window on, the first and the last full-length window: the same work, so what differs grew.
+    full = [w for w in windows[4:] if w["length"] == window]
+    if len(full) >= 2:
+        fifth, final = full[0], full[-1]
         growth = summary["memory_growth_mb"] = {"from": f"{fifth['job']} window {fifth['window']}",
-                                                "to": f"{last['job']} window {last['window']}"}
-        for key, unit in (("peak_allocated", MB), ("peak_reserved", MB), ("host_rss_mb", 1)):
-            if fifth.get(key) is not None and last.get(key) is not None:  # the peaks: CUDA only
-                growth[key.removesuffix("_mb")] = (last[key] - fifth[key]) / unit
+                                                "to": f"{final['job']} window {final['window']}", "windows": len(full)}
+        for key, unit in (("peak_allocated", MB), ("peak_reserved", MB), ("host_rss_mb", 1), ("renderer_rss_mb", 1),
+                          ("renderer_anon_mb", 1)):
+            if fifth.get(key) is not None and final.get(key) is not None:  # the peaks: CUDA only
+                growth[key.removesuffix("_mb")] = (final[key] - fifth[key]) / unit
     summary["per_window"] = [{k: w.get(k) for k in WINDOW_KEYS} for w in windows]
     return summary
 

@@ -112,6 +112,20 @@ def test_one_speaker_audio_attention_is_per_frame():
             torch.testing.assert_close(got[b, f * per_frame : (f + 1) * per_frame], attn.proj(out))
 
 
+def test_the_rope_tables_kept_between_forwards_are_two_whatever_lengths_a_run_has():
+    """A run's windows have many lengths (every job's last window is shorter); each table held on the
+    GPU would add to its memory job after job, so only the full window's and the latest are kept."""
+    rope_3d_tables.cache_clear()
+    full = (30, 6, 8)
+    for frames in (30, 9, 30, 13, 30, 19, 30, 4):
+        rope_3d_tables((frames, 6, 8), 16, torch.device("cpu"))
+    assert rope_3d_tables.cache_info().currsize == 2
+    hits = rope_3d_tables.cache_info().hits
+    rope_3d_tables(full, 16, torch.device("cpu"))
+    rope_3d_tables((4, 6, 8), 16, torch.device("cpu"))
+    assert rope_3d_tables.cache_info().hits == hits + 2  # the full window's table was never dropped
+
+
 def test_rope_3d_equals_float64_complex_reference():
     grid, head_dim = (3, 4, 5), 16
     x = torch.randn(2, math.prod(grid), 3, head_dim)

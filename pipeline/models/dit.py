@@ -125,7 +125,9 @@ def rope_angles(positions: torch.Tensor, pairs: int, theta: float = 10000.0) -> 
     return positions.to(torch.float64)[:, None] * inv_freq[None].to(positions.device)
 
 
-@lru_cache(maxsize=16)
+# Two grids: a full window's and the latest shorter one's. Each table stays on the GPU (24 MiB for a
+# 480p window), so keeping every length a manifest's last windows have would grow memory job by job.
+@lru_cache(maxsize=2)
 def rope_3d_tables(grid: tuple[int, int, int], head_dim: int, device: torch.device):
     """cos/sin tables [L, head_dim/2] for Wan's 3D RoPE over a (frames, rows, cols) token grid.
 
