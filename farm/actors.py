@@ -152,8 +152,15 @@ class Renderer:
         self.scratch = renderer_scratch()
         self.turns = DeviceTurns()
 
+    def ready(self) -> str:
+        """Returns once the models are loaded: the driver gives a renderer jobs only then (on an autoscaling
+        cluster it may wait minutes for a GPU). Raises the load's error, as a startup WorkerError."""
+        self.models.get()
+        return self.name
+
     def close(self) -> None:
-        """Remove the scratch folder; the driver calls it before it kills the renderer at the run's end."""
+        """Remove the scratch folder; the driver calls it before it kills the renderer (at the run's end,
+        or when no job is left for it)."""
         shutil.rmtree(self.scratch, ignore_errors=True)
 
     def render(self, job: Job, inputs: JobInputs, settings: RenderSettings, attempt: int, turn: int):

@@ -77,7 +77,7 @@ class PrecisionConfig:
 class ModelConfig:
     """What every model= option has."""
 
-    device: str  # auto (cuda where the cluster has GPUs, else cpu), cuda or cpu
+    device: str  # auto (cuda where the cluster has GPUs as the run starts, else cpu), cuda or cpu
     precision: PrecisionConfig
 
 
@@ -154,7 +154,7 @@ class WindowConfig:
 class ClusterConfig:
     mode: str  # local: an in-process Ray; address: join the Ray cluster at `address`
     address: str | None  # cluster=address only
-    renderers: int | None  # DiT+VAE actors; null: one per GPU, 2 without GPUs
+    renderers: int | None  # DiT+VAE actors; null: one per GPU, 2 without GPUs; with no GPU yet: how many to ask for
     encoders: int  # T5/CLIP/wav2vec2 actors
     max_retries: int  # per job, after failures a retry can help
     actor_failure_limit: int  # failures in a row before a renderer is replaced

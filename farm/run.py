@@ -69,7 +69,14 @@ def run(cfg: DictConfig) -> int:
         started_ray = not ray.is_initialized()  # a caller (a notebook, a test) may have started Ray already
         if started_ray:
             _start_ray(cfg)
-        scheduler = Scheduler(_actor_spec(cfg), store.url, _resources(cfg), progress, record)
+        try:
+            gpus = _gpus()
+            spec = _actor_spec(cfg, gpus)
+            scheduler = Scheduler(spec, store.url, _resources(cfg, gpus, spec.device), progress, record)
+        except ConfigError:
+            if started_ray:
+                ray.shutdown()
+            raise
         try:
             scheduler.start()
             scheduler.run(todo, earlier=dict(results))
@@ -121,15 +128,19 @@ def _gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else torch.cuda.device_count()
 
 
-def _group_sizes(cfg, gpus: int) -> list[int]:
+def _group_sizes(cfg, gpus: int, device: str = "cpu") -> list[int]:
     """The renderers' sizes (actors each): `renderers` groups of sp_degree if given; else groups of
     sp_degree GPUs, GPUs left over becoming single-GPU renderers (so a run mixes groups and single
-    GPUs); without GPUs, CPU_RENDERERS groups of sp_degree CPU actors."""
+    GPUs); without GPUs, CPU_RENDERERS groups of sp_degree CPU actors. A cluster with no GPU yet
+    (an autoscaler adds them on demand) needs cluster.renderers: how many to ask for."""
     g = cfg.cluster.sp_degree
     if cfg.cluster.renderers:
         return [g] * cfg.cluster.renderers
     if gpus:
         return [g] * (gpus // g) + [1] * (gpus % g)
+    if device == "cuda":
+        raise ConfigError("cluster.renderers: the cluster has no GPU yet, so how many renderers to ask its "
+                          "autoscaler for must be given (at most its GPUs / cluster.sp_degree)")
     return [g] * CPU_RENDERERS
 
 
@@ -139,22 +150,28 @@ def _local_resources(cfg) -> dict:
     return {"num_cpus": max(os.cpu_count() or 1, actors + 2)}
 
 
-def _actor_spec(cfg) -> ActorSpec:
-    gpus = _gpus()
+def _actor_spec(cfg, gpus: int) -> ActorSpec:
+    """model.device=auto is cuda when the cluster has GPUs as the run starts. On a cluster that has none
+    yet, cuda asks for them: the renderers wait, as pending actors, for the GPUs an autoscaler adds."""
     device = "cuda" if (cfg.model.device == "cuda" or (cfg.model.device == "auto" and gpus)) else "cpu"
     if device == "cuda" and not gpus:
-        raise RuntimeError("model.device=cuda but the Ray cluster has no GPUs")
-    actors = sum(_group_sizes(cfg, gpus)) + cfg.cluster.encoders
+        if cfg.cluster.mode == "local":
+            raise ConfigError("model.device: cuda, but the Ray cluster has no GPUs")
+        log.info("the cluster has no GPU yet: asking for %d renderers of %d GPUs; each starts when its GPUs "
+                 "arrive", len(_group_sizes(cfg, gpus, device)), cfg.cluster.sp_degree)
+    elif cfg.model.device == "auto" and device == "cpu" and cfg.cluster.mode == "address":
+        log.warning("model.device=auto: the cluster has no GPU now, so the renderers run on CPUs "
+                    "(on a cluster whose autoscaler adds GPUs, set model.device=cuda)")
+    actors = sum(_group_sizes(cfg, gpus, device)) + cfg.cluster.encoders
     threads = None if device == "cuda" else max(1, (os.cpu_count() or 1) // actors)
     tiny = issubclass(OmegaConf.get_type(cfg.model), TinyModel)
     return ActorSpec(checkpoint_paths(cfg), model_spec(cfg), device, threads, tiny)
 
 
-def _resources(cfg) -> Resources:
-    gpus = _gpus()
-    sizes = _group_sizes(cfg, gpus)
+def _resources(cfg, gpus: int, device: str) -> Resources:
+    sizes = _group_sizes(cfg, gpus, device)
     return Resources(
-        renderer={"CPU": 1, "GPU": 1} if gpus else {"CPU": 1},
+        renderer={"CPU": 1, "GPU": 1} if device == "cuda" else {"CPU": 1},
         encoder={"num_cpus": 1},
         group_sizes=sizes,
         encoders=cfg.cluster.encoders,

@@ -1,6 +1,10 @@
 """The farm's scheduler: one loop over ray.wait that moves jobs through encode -> render -> finish.
 
 - Encoders run ahead of the renderers (bounded by `max_in_flight`), so a GPU never waits on T5/wav2vec2.
+- Renderers get jobs once they have loaded their models: on an autoscaling cluster they wait (as
+  pending actors, whose resource demand makes the autoscaler add GPU nodes) and start work as GPUs
+  arrive. When no job is left to start, idle renderers and those still waiting are let go, so the
+  autoscaler can remove their nodes.
 - A renderer renders one job at a time; the longest encoded job goes first, so the long tail of a
   manifest does not end with one GPU rendering its longest job alone. A renderer on its job's last
   window is given its next job then: it starts on the device as soon as that window is off it, while
@@ -86,6 +90,7 @@ class RendererGroup:
     def __init__(self, name: str, size: int, spec: ActorSpec, run_root: str, resources: dict):
         self.name, self.failures = name, 0  # failures: jobs failed in a row
         self.turns = 0  # jobs given to it so far: the next one's device turn
+        self.loaded = False  # its models are loaded (rank 0's `ready` returned): it can take jobs
         options = {"num_cpus": resources["CPU"], "num_gpus": resources.get("GPU", 0)}
         self.placement = None
         if size == 1:
@@ -104,6 +109,10 @@ class RendererGroup:
     @property
     def size(self) -> int:
         return len(self.actors)
+
+    def ready(self):
+        """A ref that resolves once the group has loaded (rank 0 loads after every rank has joined)."""
+        return self.actors[0].ready.remote()
 
     def render(self, task: Task) -> tuple[object, list]:
         """Start the task on every member: (rank 0's generator of window events, the others')."""
@@ -130,6 +139,7 @@ class Scheduler:
     on_result: Callable[[dict], None]  # called with each finished or failed row
     encoders: list = field(default_factory=list)
     groups: list[RendererGroup] = field(default_factory=list)  # every live renderer
+    starting: dict = field(default_factory=dict)  # `ready` ref -> its group, loading or waiting for resources
     to_encode: deque = field(default_factory=deque)
     encoding: dict = field(default_factory=dict)  # meta ref -> (task, encoder slot)
     ready: list[Task] = field(default_factory=list)  # encoded, waiting for a renderer
@@ -137,6 +147,7 @@ class Scheduler:
     followers: dict = field(default_factory=dict)  # the other ranks' generators -> (task, their group)
     finishing: dict = field(default_factory=dict)  # finish task ref -> task
     _spawned: int = 0
+    _load_deaths: int = 0  # renderers in a row that died while loading
 
     def start(self) -> None:
         self.encoders = [self._encoder() for _ in range(self.resources.encoders)]
@@ -144,16 +155,21 @@ class Scheduler:
             self._spawn(size)
 
     def stop(self) -> None:
-        # Let idle renderers remove their scratch folders first; a busy or dead one is killed as it is,
-        # and the next renderer to start on its machine removes what it left.
-        closing = [actor.close.remote() for group in self._idle() for actor in group.actors]
-        if closing:
-            ray.wait(closing, num_returns=len(closing), timeout=CLOSE_TIMEOUT_S)
-        for group in self.groups:
-            group.kill()
+        self._let_go(list(self.groups))
         for actor in self.encoders:
             ray.kill(actor, no_restart=True)
-        self.groups, self.encoders = [], []
+        self.encoders = []
+
+    def _let_go(self, groups: list[RendererGroup]) -> None:
+        """Kill `groups`, letting the idle ones remove their scratch folders first; a busy or dead one
+        is killed as it is, and the next renderer to start on its machine removes what it left."""
+        closing = [actor.close.remote() for group in groups if group in self._idle() for actor in group.actors]
+        if closing:
+            ray.wait(closing, num_returns=len(closing), timeout=CLOSE_TIMEOUT_S)
+        for group in groups:
+            group.kill()
+            self.groups.remove(group)
+        self.starting = {ref: group for ref, group in self.starting.items() if group not in groups}
 
     def _encoder(self):
         return Encoder.options(**self.resources.encoder).remote(self.spec)
@@ -162,6 +178,7 @@ class Scheduler:
         group = RendererGroup(f"renderer-{self._spawned}", size, self.spec, self.run_root, self.resources.renderer)
         self._spawned += 1
         self.groups.append(group)
+        self.starting[group.ready()] = group
         return group
 
     def _replace(self, group: RendererGroup, reason: str) -> RendererGroup:
@@ -170,6 +187,7 @@ class Scheduler:
         log.warning("replacing %s: %s", group.name, reason)
         group.kill()
         self.groups.remove(group)
+        self.starting = {ref: g for ref, g in self.starting.items() if g is not group}
         self._drop_followers(group)
         for gen in [g for g, (_, owner) in self.rendering.items() if owner is group]:
             task, _ = self.rendering.pop(gen)
@@ -184,7 +202,7 @@ class Scheduler:
         return [task for task, owner in self.rendering.values() if owner is group]
 
     def _idle(self) -> list[RendererGroup]:
-        return [group for group in self.groups if not self._jobs(group)]
+        return [group for group in self.groups if group.loaded and not self._jobs(group)]
 
     def _free_renderer(self) -> RendererGroup | None:
         """The renderer to give the next job: an idle one, else one whose only job is on its last window."""
@@ -209,10 +227,12 @@ class Scheduler:
         self.progress.start(len(rows))
         while self.to_encode or self.encoding or self.ready or self.rendering or self.followers or self.finishing:
             self._dispatch()
-            waiting = [*self.encoding, *self.rendering, *self.followers, *self.finishing]
+            waiting = [*self.starting, *self.encoding, *self.rendering, *self.followers, *self.finishing]
             done, _ = ray.wait(waiting, num_returns=1, timeout=1.0)
             for ref in done:
-                if ref in self.encoding:
+                if ref in self.starting:
+                    self._on_loaded(ref)
+                elif ref in self.encoding:
                     self._on_encoded(ref)
                 elif ref in self.followers:
                     self._on_follower(ref)
@@ -236,6 +256,29 @@ class Scheduler:
             leader, others = group.render(task)
             self.rendering[leader] = (task, group)
             self.followers |= {gen: (task, group) for gen in others}
+        if not (self.to_encode or self.encoding or self.ready):  # no job left to start
+            followed = {group for _, group in self.followers.values()}
+            spare = [g for g in self.groups if not self._jobs(g) and g not in followed]
+            if spare:
+                log.info("no job left to start: letting %s go", ", ".join(g.name for g in spare))
+                self._let_go(spare)
+
+    def _on_loaded(self, ref) -> None:
+        """A renderer loaded its models (it can take jobs now), or could not."""
+        group = self.starting.pop(ref)
+        try:
+            ray.get(ref)
+        except RayActorError:  # it died loading (its node went away, out of memory): start another
+            self._load_deaths += 1
+            if self._load_deaths > self.resources.actor_failure_limit:
+                raise RunStopped(f"{self._load_deaths} renderers in a row died while loading their models") from None
+            self._replace(group, "it died while loading its models")
+            return
+        except Exception as error:  # noqa: BLE001
+            cause = error.cause if isinstance(error, RayTaskError) else error
+            raise RunStopped(f"{group.name} could not load its models: {getattr(cause, 'reason', cause)}") from None
+        self._load_deaths = 0
+        group.loaded = True
 
     def _on_encoded(self, ref) -> None:
         task, slot = self.encoding.pop(ref)

@@ -278,13 +278,32 @@ def test_a_sequence_parallel_group_renders_what_one_renderer_renders(ray_cluster
 
 
 @pytest.mark.parametrize("gpus, degree, sizes", [(8, 1, [1] * 8), (8, 2, [2] * 4), (5, 2, [2, 2, 1]), (3, 4, [1, 1, 1])])
-def test_gpus_make_groups_of_sp_degree_and_the_rest_single_renderers(monkeypatch, gpus, degree, sizes):
+def test_gpus_make_groups_of_sp_degree_and_the_rest_single_renderers(gpus, degree, sizes):
     import farm.run
 
-    monkeypatch.setattr(farm.run, "_gpus", lambda: gpus)
-    resources = farm.run._resources(config(f"cluster.sp_degree={degree}", "cluster.renderers=null"))
+    resources = farm.run._resources(config(f"cluster.sp_degree={degree}", "cluster.renderers=null"), gpus, "cuda")
     assert resources.group_sizes == sizes
     assert resources.renderer == {"CPU": 1, "GPU": 1}
+
+
+def test_a_cluster_without_gpus_yet_gets_gpu_renderers_asked_for_not_cpu_ones(caplog):
+    """An autoscaling cluster starts with no GPU worker: model.device=cuda asks for cluster.renderers GPU
+    renderers (they wait for the autoscaler); without a count it refuses to start, naming the setting;
+    model.device=auto renders on CPUs there, and says how to ask for GPUs."""
+    import farm.run
+    from farm.config import ConfigError
+
+    cfg = config("cluster=address", "model.device=cuda", "cluster.renderers=3", "cluster.sp_degree=2")
+    assert farm.run._actor_spec(cfg, gpus=0).device == "cuda"
+    resources = farm.run._resources(cfg, 0, "cuda")
+    assert resources.group_sizes == [2, 2, 2] and resources.renderer == {"CPU": 1, "GPU": 1}
+    with pytest.raises(ConfigError, match="^cluster.renderers: the cluster has no GPU yet"):
+        farm.run._actor_spec(config("cluster=address", "model.device=cuda", "cluster.renderers=null"), gpus=0)
+    with pytest.raises(ConfigError, match="^model.device: cuda, but the Ray cluster has no GPUs"):
+        farm.run._actor_spec(config("model.device=cuda"), gpus=0)  # cluster=local: nothing will add one
+    with caplog.at_level("WARNING", logger="talkfarm"):
+        assert farm.run._actor_spec(config("cluster=address", "cluster.renderers=null"), gpus=0).device == "cpu"
+    assert any("set model.device=cuda" in r.getMessage() for r in caplog.records)
 
 
 def test_an_error_a_retry_cannot_fix_fails_the_row_at_once_with_its_traceback_logged_once(
@@ -339,7 +358,7 @@ def test_a_follower_lost_after_its_leader_finished_replaces_the_group_once(ray_c
         ray.wait([follower], timeout=60)
         scheduler._on_follower(follower)
         assert group not in scheduler.groups
-        assert [g.size for g in scheduler.groups] == [2] and scheduler._idle() == scheduler.groups
+        assert [g.size for g in scheduler.groups] == [2] and list(scheduler.starting.values()) == scheduler.groups
         assert scheduler.followers == {} and scheduler.rendering == {}
     finally:
         scheduler.stop()

@@ -343,9 +343,8 @@ def test_the_settings_reach_the_renderer(tmp_path):
     assert untiled.vae.decode_chunk is decode_chunk and untiled.vae.encode_chunk is encode_chunk
 
 
-def test_the_settings_reach_the_model_spec(tmp_path, monkeypatch):
+def test_the_settings_reach_the_model_spec(tmp_path):
     import farm.run
 
-    monkeypatch.setattr(farm.run, "_gpus", lambda: 0)
     cfg = compose_config(f"model.dir={tmp_path / 'tiny'}", "memory=fast", *ONE_JOB)
-    assert farm.run._actor_spec(cfg).model.memory == MemorySettings(compile=True)
+    assert farm.run._actor_spec(cfg, gpus=0).model.memory == MemorySettings(compile=True)
