@@ -21,6 +21,10 @@ from farm.storage import RunStore
 log = logging.getLogger("talkfarm")
 
 CPU_RENDERERS = 2  # on a machine without GPUs (the tiny model, tests, the demo)
+# Of Ray's GPU unit, what an encoder on the GPU asks for; each renderer leaves that much free, so the
+# encoders fit beside the renderers (one per GPU) and count against the GPUs Ray hands out. Their models
+# take ~14 GB of GPU memory at 14B (benchmarks/RESULTS.md), which Ray does not account for.
+ENCODER_GPU_SHARE = 0.1
 
 
 def run(cfg: DictConfig) -> int:
@@ -169,10 +173,23 @@ def _actor_spec(cfg, gpus: int) -> ActorSpec:
 
 
 def _resources(cfg, gpus: int, device: str) -> Resources:
+    """Ray resources per actor: a renderer member takes a GPU, less the share the encoders take when
+    their models are on the GPU too (memory.encoder_device null); encoders on the CPU take none."""
     sizes = _group_sizes(cfg, gpus, device)
+    renderer, encoder = {"CPU": 1}, {"num_cpus": 1}
+    if device == "cuda":
+        encoders_on_gpu = cfg.memory.encoder_device is None
+        left = 1 - ENCODER_GPU_SHARE * cfg.cluster.encoders if encoders_on_gpu else 1
+        if left < 0.5:
+            raise ConfigError(f"cluster.encoders: {cfg.cluster.encoders} encoders on the GPU take "
+                              f"{ENCODER_GPU_SHARE} of a GPU each; at most {int(0.5 / ENCODER_GPU_SHARE)}, "
+                              "or memory.encoder_device=cpu")
+        renderer["GPU"] = round(left, 6)
+        if encoders_on_gpu:
+            encoder["num_gpus"] = ENCODER_GPU_SHARE
     return Resources(
-        renderer={"CPU": 1, "GPU": 1} if device == "cuda" else {"CPU": 1},
-        encoder={"num_cpus": 1},
+        renderer=renderer,
+        encoder=encoder,
         group_sizes=sizes,
         encoders=cfg.cluster.encoders,
         max_in_flight=cfg.cluster.max_in_flight or 2 * len(sizes),

@@ -281,9 +281,27 @@ def test_a_sequence_parallel_group_renders_what_one_renderer_renders(ray_cluster
 def test_gpus_make_groups_of_sp_degree_and_the_rest_single_renderers(gpus, degree, sizes):
     import farm.run
 
-    resources = farm.run._resources(config(f"cluster.sp_degree={degree}", "cluster.renderers=null"), gpus, "cuda")
+    resources = farm.run._resources(config(f"cluster.sp_degree={degree}", "cluster.renderers=null", "memory=24gb"),
+                                    gpus, "cuda")
     assert resources.group_sizes == sizes
     assert resources.renderer == {"CPU": 1, "GPU": 1}
+
+
+def test_encoders_on_the_gpu_ask_ray_for_a_share_of_one_that_each_renderer_leaves_free():
+    """memory=fast keeps T5, CLIP and wav2vec2 on the GPU: the encoder asks for a tenth of a GPU and a
+    renderer for the rest, so on one GPU both fit and on eight the encoder sits beside one of the eight
+    renderers; memory=24gb puts the encoders on the CPU, and a renderer takes a whole GPU."""
+    import farm.run
+    from farm.config import ConfigError
+
+    fast = farm.run._resources(config("memory=fast", "cluster.renderers=null"), 8, "cuda")
+    assert fast.encoder == {"num_cpus": 1, "num_gpus": 0.1} and fast.renderer == {"CPU": 1, "GPU": 0.9}
+    assert 8 * fast.renderer["GPU"] + fast.encoder["num_gpus"] <= 8 and fast.group_sizes == [1] * 8
+    two = farm.run._resources(config("memory=fast", "cluster.encoders=2"), 1, "cuda")
+    assert two.renderer["GPU"] + 2 * two.encoder["num_gpus"] == pytest.approx(1)
+    assert farm.run._resources(config("memory=24gb"), 1, "cuda").encoder == {"num_cpus": 1}
+    with pytest.raises(ConfigError, match="^cluster.encoders: 6 encoders on the GPU"):
+        farm.run._resources(config("memory=fast", "cluster.encoders=6"), 1, "cuda")
 
 
 def test_a_cluster_without_gpus_yet_gets_gpu_renderers_asked_for_not_cpu_ones(caplog):
@@ -296,7 +314,7 @@ def test_a_cluster_without_gpus_yet_gets_gpu_renderers_asked_for_not_cpu_ones(ca
     cfg = config("cluster=address", "model.device=cuda", "cluster.renderers=3", "cluster.sp_degree=2")
     assert farm.run._actor_spec(cfg, gpus=0).device == "cuda"
     resources = farm.run._resources(cfg, 0, "cuda")
-    assert resources.group_sizes == [2, 2, 2] and resources.renderer == {"CPU": 1, "GPU": 1}
+    assert resources.group_sizes == [2, 2, 2] and resources.renderer["GPU"] > 0
     with pytest.raises(ConfigError, match="^cluster.renderers: the cluster has no GPU yet"):
         farm.run._actor_spec(config("cluster=address", "model.device=cuda", "cluster.renderers=null"), gpus=0)
     with pytest.raises(ConfigError, match="^model.device: cuda, but the Ray cluster has no GPUs"):
