@@ -7,11 +7,13 @@ The driver runs in a process of its own: the other farm tests keep a Ray of thei
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -68,27 +70,55 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ray(*args: str, env: dict) -> None:
-    subprocess.run([shutil.which("ray") or str(Path(sys.executable).parent / "ray"), *args], check=True, env=env,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+def _ray_node(*args: str, env: dict) -> subprocess.Popen:
+    """`ray start ... --block` in a session of its own: stopped by `_stop`, which ends only this node
+    (`ray stop` would end every Ray on the machine, other tests' too)."""
+    ray = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
+    return subprocess.Popen([ray, "start", *args, "--block"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def _stop(node: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(node.pid, sig)
+            node.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+        except ProcessLookupError:
+            return
+
+
+def _wait_for_port(address: str, seconds: float = 60) -> None:
+    host, port = address.split(":")
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex((host, int(port))) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on {address}")
 
 
 @pytest.fixture
 def head(tmp_path):
-    """A Ray head with CPUs only, on a free port, stopped (with every node of it) afterwards."""
+    """A Ray head with CPUs only, on a free port; it and every node started with `nodes` stop afterwards."""
     temp = Path(tempfile.mkdtemp(prefix="tfa-", dir="/tmp"))  # short: Ray puts sockets there
     # token authentication off: these nodes and the driver share one machine and one user
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_AUTH_MODE": "disabled"}
     address = f"127.0.0.1:{_free_port()}"
-    _ray("start", "--head", f"--port={address.split(':')[1]}", "--num-cpus=3", "--num-gpus=0",
-         "--include-dashboard=false", f"--temp-dir={temp}", env=env)
-    yield address, env
-    _ray("stop", "--force", env=env)
+    nodes = [_ray_node("--head", f"--port={address.split(':')[1]}", "--node-ip-address=127.0.0.1", "--num-cpus=3",
+                       "--num-gpus=0", "--include-dashboard=false", f"--temp-dir={temp}", env=env)]
+    _wait_for_port(address)
+    yield address, env, nodes
+    for node in reversed(nodes):
+        _stop(node)
     shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_renderers_wait_for_gpus_start_as_they_arrive_and_are_let_go_when_the_queue_drains(head, tmp_path):
-    address, env = head
+    address, env, nodes = head
     folder = tmp_path / "jobs"
     folder.mkdir()
     shutil.copy(Path(__file__).parents[1] / "jobs" / "demo" / "astronaut.png", folder / "face.png")
@@ -109,9 +139,10 @@ def test_renderers_wait_for_gpus_start_as_they_arrive_and_are_let_go_when_the_qu
         for _ in range(600):
             if signal_file.exists() or driver.poll() is not None:
                 break
-            subprocess.run(["sleep", "0.5"])
+            time.sleep(0.5)
         assert signal_file.exists(), driver.communicate()[1][-3000:]
-        _ray("start", f"--address={address}", "--num-cpus=2", "--num-gpus=1", env=env)  # the autoscaler's GPU node
+        # the node an autoscaler would add
+        nodes.append(_ray_node(f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=2", "--num-gpus=1", env=env))
         out, err = driver.communicate(timeout=600)
     finally:
         driver.kill()
