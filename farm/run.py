@@ -158,15 +158,16 @@ def _actor_spec(cfg, gpus: int) -> ActorSpec:
     """model.device=auto is cuda when the cluster has GPUs as the run starts. On a cluster that has none
     yet, cuda asks for them: the renderers wait, as pending actors, for the GPUs an autoscaler adds."""
     device = "cuda" if (cfg.model.device == "cuda" or (cfg.model.device == "auto" and gpus)) else "cpu"
+    if device == "cuda" and not gpus and cfg.cluster.mode == "local":
+        raise ConfigError("model.device: cuda, but the Ray cluster has no GPUs")
+    sizes = _group_sizes(cfg, gpus, device)
     if device == "cuda" and not gpus:
-        if cfg.cluster.mode == "local":
-            raise ConfigError("model.device: cuda, but the Ray cluster has no GPUs")
         log.info("the cluster has no GPU yet: asking for %d renderers of %d GPUs; each starts when its GPUs "
-                 "arrive", len(_group_sizes(cfg, gpus, device)), cfg.cluster.sp_degree)
+                 "arrive", len(sizes), cfg.cluster.sp_degree)
     elif cfg.model.device == "auto" and device == "cpu" and cfg.cluster.mode == "address":
         log.warning("model.device=auto: the cluster has no GPU now, so the renderers run on CPUs "
                     "(on a cluster whose autoscaler adds GPUs, set model.device=cuda)")
-    actors = sum(_group_sizes(cfg, gpus, device)) + cfg.cluster.encoders
+    actors = sum(sizes) + cfg.cluster.encoders
     threads = None if device == "cuda" else max(1, (os.cpu_count() or 1) // actors)
     tiny = issubclass(OmegaConf.get_type(cfg.model), TinyModel)
     return ActorSpec(checkpoint_paths(cfg), model_spec(cfg), device, threads, tiny)

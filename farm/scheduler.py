@@ -163,7 +163,8 @@ class Scheduler:
     def _let_go(self, groups: list[RendererGroup]) -> None:
         """Kill `groups`, letting the idle ones remove their scratch folders first; a busy or dead one
         is killed as it is, and the next renderer to start on its machine removes what it left."""
-        closing = [actor.close.remote() for group in groups if group in self._idle() for actor in group.actors]
+        idle = self._idle()
+        closing = [actor.close.remote() for group in groups if group in idle for actor in group.actors]
         if closing:
             ray.wait(closing, num_returns=len(closing), timeout=CLOSE_TIMEOUT_S)
         for group in groups:
@@ -275,8 +276,7 @@ class Scheduler:
             self._replace(group, "it died while loading its models")
             return
         except Exception as error:  # noqa: BLE001
-            cause = error.cause if isinstance(error, RayTaskError) else error
-            raise RunStopped(f"{group.name} could not load its models: {getattr(cause, 'reason', cause)}") from None
+            raise _could_not_load(group.name, _cause(error)) from None
         self._load_deaths = 0
         group.loaded = True
 
@@ -352,11 +352,11 @@ class Scheduler:
 
     def _fail_or_retry(self, task: Task, error: BaseException, context: str = "", worker: str = "a worker") -> None:
         """Fail the row (with a one-line reason) or queue it again, as the error allows."""
-        cause = error.cause if isinstance(error, RayTaskError) else error
+        cause = _cause(error)
         task.attempts += 1
         if isinstance(cause, WorkerError):
             if cause.startup:
-                raise RunStopped(f"{worker} could not load its models: {cause.reason}")
+                raise _could_not_load(worker, cause)
             log.error("job %s, attempt %d:\n%s", task.id, task.attempts, cause.traceback_text.rstrip())
         retryable = cause.retryable if isinstance(cause, WorkerError) else True  # Ray's own: a lost actor or object
         if not retryable or task.attempts > self.resources.max_retries:
@@ -392,6 +392,16 @@ class Scheduler:
             "attempts": task.earlier_attempts + task.attempts + attempt_running,
             "seconds": (task.earlier_seconds + seconds) or None, "finished": datetime.now(UTC), **fields,
         }
+
+
+def _cause(error: BaseException) -> BaseException:
+    """The worker's own exception, out of Ray's wrapper."""
+    return error.cause if isinstance(error, RayTaskError) else error
+
+
+def _could_not_load(worker: str, cause: BaseException) -> RunStopped:
+    reason = cause.reason if isinstance(cause, WorkerError) else _first_line(cause)
+    return RunStopped(f"{worker} could not load its models: {reason}")
 
 
 def _first_line(error: BaseException) -> str:
