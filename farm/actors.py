@@ -50,7 +50,7 @@ class ActorSpec:
     paths: CheckpointPaths
     model: ModelSpec
     device: str  # "cuda" or "cpu"
-    cpu_threads: int | None = None  # torch threads per actor on a CPU-only machine
+    cpu_threads: int | None = None  # torch threads per actor, where torch works on the CPU (Ray would give one)
     tiny: bool = False  # the tiny set is written where the actor runs (pods do not share the driver's disk)
 
 

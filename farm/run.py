@@ -167,8 +167,11 @@ def _actor_spec(cfg, gpus: int) -> ActorSpec:
     elif cfg.model.device == "auto" and device == "cpu" and cfg.cluster.mode == "address":
         log.warning("model.device=auto: the cluster has no GPU now, so the renderers run on CPUs "
                     "(on a cluster whose autoscaler adds GPUs, set model.device=cuda)")
+    # Ray starts an actor of num_cpus=1 with OMP_NUM_THREADS=1: where torch works on the CPU (every actor on
+    # a CPU-only machine; the encoders beside GPU renderers with memory.encoder_device=cpu) it shares the cores.
     actors = sum(sizes) + cfg.cluster.encoders
-    threads = None if device == "cuda" else max(1, (os.cpu_count() or 1) // actors)
+    on_cpu = device == "cpu" or cfg.memory.encoder_device == "cpu"
+    threads = max(1, (os.cpu_count() or 1) // actors) if on_cpu else None
     tiny = issubclass(OmegaConf.get_type(cfg.model), TinyModel)
     return ActorSpec(checkpoint_paths(cfg), model_spec(cfg), device, threads, tiny)
 

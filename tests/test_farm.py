@@ -304,6 +304,18 @@ def test_encoders_on_the_gpu_ask_ray_for_a_share_of_one_that_each_renderer_leave
         farm.run._resources(config("memory=fast", "cluster.encoders=6"), 1, "cuda")
 
 
+def test_encoders_on_the_cpu_beside_gpu_renderers_get_torch_threads():
+    """Ray starts an actor of num_cpus=1 with OMP_NUM_THREADS=1, which would run T5 (5.7B) on one core
+    with memory=24gb; the encoders then get the machine's cores shared among the actors, as every actor
+    does on a CPU-only machine. All on the GPU, torch's CPU threads are left as Ray sets them."""
+    import farm.run
+
+    cores = os.cpu_count()
+    assert farm.run._actor_spec(config("memory=24gb", "model.device=cuda"), gpus=1).cpu_threads == max(1, cores // 2)
+    assert farm.run._actor_spec(config("memory=fast", "model.device=cuda"), gpus=1).cpu_threads is None
+    assert farm.run._actor_spec(config("model.device=cpu", "cluster.renderers=1"), gpus=0).cpu_threads == max(1, cores // 2)
+
+
 def test_a_cluster_without_gpus_yet_gets_gpu_renderers_asked_for_not_cpu_ones(caplog):
     """An autoscaling cluster starts with no GPU worker: model.device=cuda asks for cluster.renderers GPU
     renderers (they wait for the autoscaler); without a count it refuses to start, naming the setting;
