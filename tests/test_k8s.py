@@ -1766,7 +1766,7 @@ def test_the_image_environment_builds_from_the_lock_and_renders_the_demo(tmp_pat
     versions = subprocess.run([venv / "bin" / "python", "-c", probe], cwd=tmp_path, env=env, capture_output=True,
                               text=True, check=True).stdout.split()
     assert versions[:3] == ["2.11.0+cu130", "13.0", "3.6.0"], versions  # as benchmarks/RESULTS.md measured
-    assert versions[3].endswith("-v7.0.2"), versions  # the ffmpeg the tests run (imageio-ffmpeg 0.6.0)
+    assert versions[3].endswith("-v9.0.2"), versions  # the ffmpeg the tests run (imageio-ffmpeg 0.8.1)
 
     root = tmp_path / "run"
     command = [venv / "bin" / "talkfarm", f"manifest={ROOT / 'jobs' / 'demo' / 'manifest.jsonl'}", "preset=demo",
