@@ -54,6 +54,29 @@ SETTINGS_KEYS = {
 }
 
 
+# Besides SETTINGS_KEYS, what a video depends on beyond its row: the model (all of it but its device), the
+# GEMMs' and attention's kernels, the VAE's tiles. Stored windows and outputs made with other values are stale.
+MODEL_KEYS = ("model", "quant.mode", "attention.backend", "memory.vae_tiling")
+
+
+def output_settings(cfg: DictConfig) -> dict[str, Any]:
+    """{dotted key: value} of every setting of the run that changes a row's video (SETTINGS_KEYS, MODEL_KEYS),
+    nested ones flattened; a key the config lacks (one an older talkfarm wrote) is None."""
+    flat: dict[str, Any] = {}
+
+    def add(key: str, value) -> None:
+        if isinstance(value, dict):
+            for name, inner in value.items():
+                add(f"{key}.{name}", inner)
+        elif key != "model.device":  # the same video on any device, within its rounding
+            flat[key] = value
+
+    for key in (*SETTINGS_KEYS.values(), *MODEL_KEYS):
+        value = OmegaConf.select(cfg, key, default=None)
+        add(key, OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value)
+    return flat
+
+
 class ConfigError(ValueError):
     """A config value that cannot run; the message is one line that starts with the key."""
 
@@ -210,6 +233,7 @@ class Config:
     cluster: ClusterConfig
     storage: StorageConfig
     retry_failed: bool  # render again the rows an earlier run failed for good (retryable false)
+    rerender: bool  # render again the rows an earlier run made with other settings or another model
 
 
 # conf/config.yaml starts from "talkfarm"; each model/*.yaml starts from its own schema. Stored outside

@@ -1,9 +1,10 @@
 """A run: the validated config -> rows to render -> Ray workers -> results.parquet and outputs.
 
 Re-running the same command skips rows whose output is finished and published, and resumes the rest
-at their last stored window.
+at their last stored window, while each row's fingerprint (farm/fingerprint.py) is what they were made from.
 """
 
+import json
 import logging
 import os
 
@@ -12,7 +13,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from farm.actors import ActorSpec
-from farm.config import ConfigError, TinyModel, checkpoint_paths, model_spec, render_settings, run_root
+from farm.config import ConfigError, TinyModel, checkpoint_paths, model_spec, output_settings, render_settings, run_root
+from farm.fingerprint import changed_parts, digest, fingerprints
 from farm.manifest import ManifestError, read_manifest, settings_for, single_job
 from farm.progress import Progress
 from farm.scheduler import Resources, RunStopped, Scheduler
@@ -42,9 +44,17 @@ def run(cfg: DictConfig) -> int:
     else:
         rows, errors = single_job(OmegaConf.to_container(cfg.job), os.getcwd(), settings)
     store = RunStore(run_root(cfg))
-    store.save_config(OmegaConf.to_yaml(cfg, resolve=True))
-
     results = {r["id"]: r for r in store.read_results()}
+    prints = fingerprints(rows, digest(output_settings(cfg)))
+    _refuse_other_settings(cfg, store, results, prints)  # before config.yaml, which names the old settings, is replaced
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved["storage"]["root"] = store.url  # where the run went, also when it was left to run_root
+    store.save_config(OmegaConf.to_yaml(resolved))
+    stamps = {job: json.dumps(parts) for job, parts in prints.items()}  # results.parquet's fingerprint column
+    for row in rows:
+        _forget_if_changed(store, results, row.job.id, prints[row.job.id])
+        results.setdefault(row.job.id, {"id": row.job.id, "status": "pending"})["fingerprint"] = stamps[row.job.id]
+
     valid_ids = {row.job.id for row in rows}
     ours = [row.job.id for row in rows]  # the keys of this run's rows in results (older runs' rows may be there too)
     for error in errors:
@@ -65,7 +75,7 @@ def run(cfg: DictConfig) -> int:
     store.write_results(list(results.values()))
 
     def record(row: dict) -> None:
-        results[row["id"]] = row
+        results[row["id"]] = {**row, "fingerprint": stamps[row["id"]]}
         store.write_results(list(results.values()))
 
     if todo:
@@ -86,7 +96,7 @@ def run(cfg: DictConfig) -> int:
             scheduler.run(todo, earlier=dict(results))
         except KeyboardInterrupt:
             progress.close()
-            results |= {row["id"]: row for row in scheduler.interrupted()}
+            results |= {row["id"]: {**row, "fingerprint": stamps[row["id"]]} for row in scheduler.interrupted()}
             store.write_results(list(results.values()))
             log.warning("interrupted: every finished window is stored; run the same command again to resume")
             return 130
@@ -109,6 +119,38 @@ def run(cfg: DictConfig) -> int:
     print(f"{len(done)} done, {len(for_good)} failed for a reason a retry cannot fix, {len(retryable)} failed after "
           f"their retries (a re-run tries them again); results: {store.results_path}")
     return 1 if retryable else 0
+
+
+def _refuse_other_settings(cfg, store: RunStore, results: dict, prints: dict) -> None:
+    """A run whose settings or model differ from those of the rows its run root holds stops here, in one
+    line naming the keys (from the run root's config.yaml), unless rerender=true."""
+    stale = [job for job, now in prints.items()
+             if results.get(job, {}).get("fingerprint") and json.loads(results[job]["fingerprint"])["settings"] != now["settings"]]
+    if not stale or cfg.rerender:
+        return
+    now, what = output_settings(cfg), "other settings or another model"
+    earlier = store.read_config()
+    if earlier is not None:
+        before = output_settings(OmegaConf.create(earlier))
+        keys = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+        what = ", ".join(f"{k}={before.get(k)} (now {now.get(k)})" for k in keys) or what
+    raise ConfigError(f"storage.root: {len(stale)} rows of {store.url} were rendered with {what}; give a new "
+                      "storage.root, or rerender=true to render them again with these settings")
+
+
+def _forget_if_changed(store: RunStore, results: dict, job_id: str, now: dict) -> None:
+    """A row whose inputs, own fields or settings differ from what its stored windows and output were made
+    from renders again from nothing (the old output stays published until the new one replaces it)."""
+    earlier = results.get(job_id)
+    if earlier is None or (earlier["status"] == "failed" and earlier.get("retryable") is None):
+        return  # new, or refused by the manifest's checks last time: nothing was rendered
+    before = json.loads(earlier["fingerprint"]) if earlier.get("fingerprint") else None
+    if before == now:
+        return
+    why = f"its {', '.join(changed_parts(before, now))} changed" if before else "it has no fingerprint (an earlier talkfarm)"
+    log.info("%s: %s since it was rendered: rendering it again", job_id, why)
+    store.clear_job(job_id)
+    del results[job_id]
 
 
 def _failed_for_good(result: dict) -> bool:

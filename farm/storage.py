@@ -1,7 +1,8 @@
 """A run's durable state, through fsspec: a local path by default, or any fsspec URL (s3://, gs://,
 memory://, file://) - the same code for all of them.
 
-    <root>/config.yaml                              the resolved config
+    <root>/config.yaml                              the resolved config of the latest run ...
+    <root>/configs/<UTC start time>.yaml            ... and of every run, kept
     <root>/results.parquet                          one row per job (RESULTS_SCHEMA), rewritten whole
     <root>/jobs/<job_id>/state.json                 resume state after the job's last finished window ...
     <root>/jobs/<job_id>/state-00004-<token>.safetensors   ... and its motion latents (named in state.json)
@@ -28,6 +29,7 @@ import logging
 import posixpath
 import time
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import fsspec
@@ -84,7 +86,8 @@ def _retried(operation):
 RESULTS_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
-        ("status", pa.string()),  # done / failed / interrupted (Ctrl-C while it rendered: a re-run resumes it)
+        # done / failed / interrupted (Ctrl-C while it rendered: a re-run resumes it) / pending (not rendered yet)
+        ("status", pa.string()),
         ("error", pa.string()),  # the one-line reason a row failed, for the user to act on
         ("output", pa.string()),  # where the published mp4 is (publish_output's return value)
         ("frames", pa.int64()),  # video frames, 25 fps
@@ -109,6 +112,8 @@ RESULTS_SCHEMA = pa.schema(
         *((f"{stage}_seconds", pa.float64()) for stage in STAGES),
         ("finish_seconds", pa.float64()),  # concatenation, mux, verification, upload
         ("device_seconds_per_video_second", pa.float64()),  # GPU-seconds per second of video on GPUs
+        # What the row's stored windows and output were made from, as JSON {part: digest} (farm/fingerprint.py)
+        ("fingerprint", pa.string()),
     ]
 )
 REQUIRED_COLUMNS = ("id", "status")
@@ -143,7 +148,16 @@ class RunStore:
     # ------------------------------------------------------------------------------------ the run
 
     @_retried
+    def read_config(self) -> str | None:
+        """The config.yaml an earlier run wrote, or None."""
+        data = self._read(self._path("config.yaml"))
+        return None if data is None else data.decode()
+
+    @_retried
     def save_config(self, text: str) -> None:
+        """config.yaml, the latest run's, and a copy under configs/ named by the time (UTC) it was saved."""
+        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H%M%S.%fZ")
+        self._write(self._path("configs", f"{stamp}.yaml"), text.encode())
         self._write(self._path("config.yaml"), text.encode())
 
     @_retried
@@ -230,6 +244,15 @@ class RunStore:
             tensors = safetensors.torch.load(self.fs.cat_file(f"{job}/{record['motion_latents']}"))
             latents = tensors["motion_latents"]
         return ResumeState(record["next_window"], latents, record["segments"])
+
+    @_retried
+    def clear_job(self, job_id: str) -> None:
+        """Remove the job's state, stored windows and window log, so that it renders from nothing. Its
+        published output stays until a new one replaces it."""
+        job = self._job_dir(job_id)
+        self.fs.invalidate_cache(job)
+        if self.fs.exists(job):
+            self.fs.rm(job, recursive=True)
 
     @_retried
     def put_segment(self, job_id: str, local_path: str | Path) -> str:

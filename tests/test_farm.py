@@ -15,9 +15,11 @@ from pathlib import Path
 
 import pytest
 import ray
+import yaml
 from hydra import compose, initialize_config_module
 
 from farm.actors import SCRATCH_PREFIX, ActorSpec, DeviceTurns, renderer_scratch
+from farm.config import ConfigError
 from farm.progress import Progress
 from farm.run import run
 from farm.scheduler import Resources, Scheduler
@@ -109,6 +111,64 @@ def test_a_rerun_skips_finished_rows(ray_cluster, manifest, undisturbed):
     assert {job: undisturbed.read_window_log(job) for job in JOBS} == before  # nothing rendered again
     assert all(r["status"] == "done" for r in undisturbed.read_results())
 
+
+
+def test_rows_are_skipped_by_what_they_were_rendered_from_not_by_id(ray_cluster, tmp_path, caplog):
+    """A row is finished only while the bytes of its inputs, its own fields and the run's settings are
+    those its output was made from (results.parquet: fingerprint): another manifest reusing an id with
+    other speech, a changed seed and a changed image under the same name each render their row again,
+    and the log names what changed; an unchanged re-run skips everything; a changed setting stops the
+    run in one line naming the key, unless rerender=true."""
+    folder, elsewhere, root = tmp_path / "jobs", tmp_path / "elsewhere", tmp_path / "run"
+    folder.mkdir(), elsewhere.mkdir()
+    shutil.copy(Path(__file__).parents[1] / "jobs" / "demo" / "astronaut.png", folder / "face.png")
+    shutil.copy(folder / "face.png", folder / "other.png")
+    rows = {"same": {"image": "face.png", "audio": speech(folder / "same.wav", 0.5, 220), "seed": 1},
+            "seed": {"image": "face.png", "audio": speech(folder / "seed.wav", 0.5, 260), "seed": 2},
+            "image": {"image": "other.png", "audio": speech(folder / "image.wav", 0.5, 300), "seed": 3}}
+
+    def write(manifest: Path, jobs: dict) -> Path:
+        manifest.write_text("".join(json.dumps({"id": job, **row}) + "\n" for job, row in jobs.items()))
+        return manifest
+
+    def render(manifest: Path, *extra: str) -> tuple[dict, dict]:
+        caplog.clear()
+        with caplog.at_level("INFO", logger="talkfarm"):
+            assert run(config(f"manifest={manifest}", f"storage.root={root}", *extra)) == 0
+        store = RunStore(str(root))
+        return {job: store.read_window_log(job) for job in rows}, {r["id"]: r for r in store.read_results()}
+
+    def rendered_again(before: dict, after: dict) -> set[str]:
+        return {job for job in rows if after[job] != before[job]}
+
+    manifest = write(folder / "manifest.jsonl", rows)
+    first, results = render(manifest)
+    assert all(results[job]["status"] == "done" and json.loads(results[job]["fingerprint"]) for job in rows)
+    again, _ = render(manifest)
+    assert again == first and "3 of 3 rows already finished: skipped" in caplog.text
+
+    reused = write(elsewhere / "manifest.jsonl", {"same": {"image": str(folder / "face.png"), "seed": 1,
+                                                           "audio": speech(elsewhere / "same.wav", 1.3, 220)}})
+    after_reuse, results = render(reused)
+    assert rendered_again(first, after_reuse) == {"same"} and "same: its audio changed since it was rendered" in caplog.text
+    assert results["same"]["frames"] == frames_for_duration(1.3) and results["same"]["attempts"] == 1
+
+    rows["seed"]["seed"] = 4
+    (folder / "other.png").write_bytes((folder / "face.png").read_bytes()[:-1] + b"\0")  # same name, other bytes
+    after_edits, results = render(write(manifest, rows))
+    assert rendered_again(after_reuse, after_edits) == {"same", "seed", "image"}
+    assert "seed: its row changed" in caplog.text and "image: its image changed" in caplog.text
+    assert results["same"]["frames"] == frames_for_duration(0.5)
+
+    with pytest.raises(ConfigError, match=r"^storage.root: 3 rows of .* were rendered with output.crf=18 \(now 20\);"):
+        run(config(f"manifest={manifest}", f"storage.root={root}", "output.crf=20"))
+    unchanged, _ = render(manifest)  # the refused run changed nothing
+    assert unchanged == after_edits
+    with_crf, results = render(manifest, "output.crf=20", "rerender=true")
+    assert rendered_again(after_edits, with_crf) == set(rows) and all(r["status"] == "done" for r in results.values())
+    store = RunStore(str(root))
+    assert len(store.fs.ls(f"{root}/configs")) == 6  # one per run that started, none for the refused one
+    assert yaml.safe_load(store.read_config())["storage"]["root"] == str(root)
 
 def test_one_renderer_starts_its_next_job_while_it_still_stores_the_last_window(ray_cluster, manifest, undisturbed, tmp_path):
     """The next job's first window takes the device before the current job's last window is encoded

@@ -149,6 +149,21 @@ def test_a_manifest_on_s3_renders_and_a_rerun_skips_it(bucket_manifest, tmp_path
     assert {r["id"]: r["attempts"] for r in store.read_results()} == {job: 1 for job in JOBS}
     assert {job: fs.info(f"{root}/outputs/{job}.mp4")["ETag"] for job in JOBS} == published
 
+    # Rows are known by their inputs' checksums (ETags), not their keys: the same bytes elsewhere are the
+    # same rows; other bytes under the same key render that row again.
+    for name in ["manifest.jsonl", "face.png", *(f"{job}.wav" for job in JOBS)]:
+        fs.copy(f"talkfarm/jobs/{name}", f"talkfarm/copied/{name}")
+    copied = tmp_path / "copied.log"
+    finished(talkfarm("s3://talkfarm/copied/manifest.jsonl", root, stdout=copied.open("w"), stderr=subprocess.STDOUT), copied)
+    assert "2 of 2 rows already finished: skipped" in copied.read_text()
+    fs.put_file(str(tmp_path / speech(tmp_path / "short.wav", 1.3, 500)), "talkfarm/copied/short.wav")
+    edited = tmp_path / "edited.log"
+    finished(talkfarm("s3://talkfarm/copied/manifest.jsonl", root, stdout=edited.open("w"), stderr=subprocess.STDOUT), edited)
+    assert "short: its audio changed since it was rendered" in edited.read_text()
+    rows = {r["id"]: r for r in store.read_results()}
+    assert rows["short"]["frames"] == frames_for_duration(1.3) and rows["short"]["status"] == "done"
+    assert fs.info(f"{root}/outputs/long.mp4")["ETag"] == published["long"]
+
 
 def test_a_killed_driver_resumes_from_the_windows_stored_on_s3(bucket_manifest, tmp_path):
     root = "s3://talkfarm/runs/killed"

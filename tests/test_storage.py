@@ -286,11 +286,13 @@ def test_an_error_that_is_not_the_store_being_unreachable_is_not_tried_again(sto
     assert len(tries) == 1
 
 
-def test_config(store):
+def test_config_is_the_latest_runs_and_every_runs_is_kept(store):
     store.save_config("model: tiny\n")
     store.save_config("model: full\n")
-    assert store.fs.cat_file(f"{store.root}/config.yaml") == b"model: full\n"
-    assert files(store) == ["config.yaml"]
+    assert store.read_config() == "model: full\n"
+    kept = files(store, "configs")  # named by the time, so in the order saved
+    assert [store.fs.cat_file(f"{store.root}/configs/{f}") for f in kept] == [b"model: tiny\n", b"model: full\n"]
+    assert files(store) == sorted(["config.yaml", *kept])
 
 
 
