@@ -415,17 +415,21 @@ def _speakers_problem(given: list[str]) -> str | None:
 
 
 def _mark_duplicates(drafts: list[_Draft]) -> None:
-    """Every repeat of an id or an output after its first row fails (a repeated id also repeats the default
-    output, so only the id is reported then)."""
-    first_id: dict[str, int] = {}
+    """Every row of an id that several rows share fails, naming the others: which one the user meant is
+    theirs to say. A repeat of an output after its first row fails too (a shared id also shares the
+    default output, so only the id is reported then)."""
+    rows_of: dict[str, list[int]] = {}
+    for draft in drafts:
+        if draft.id is not None:
+            rows_of.setdefault(draft.id, []).append(draft.row)
     first_output: dict[str, int] = {}
     for draft in drafts:
-        if draft.id is not None and draft.id in first_id:
-            draft.reasons.append(f"id: {draft.id!r} repeats row {first_id[draft.id]}")
+        others = [row for row in rows_of.get(draft.id, []) if row != draft.row]
+        if others:
+            draft.reasons.append(f"id: {draft.id!r} is also the id of row{'s' * (len(others) > 1)} "
+                                 f"{', '.join(map(str, others))}")
         elif draft.output is not None and draft.output in first_output:
-            draft.reasons.append(f"output: {draft.output!r} is already written by row {first_output[draft.output]}")
-        if draft.id is not None:
-            first_id.setdefault(draft.id, draft.row)
+            draft.reasons.append(f"output: {draft.output!r} is also the output of row {first_output[draft.output]}")
         if draft.output is not None:
             first_output.setdefault(draft.output, draft.row)
 

@@ -7,6 +7,8 @@ at their last stored window, while each row's fingerprint (farm/fingerprint.py) 
 import json
 import logging
 import os
+from collections import Counter
+from datetime import UTC, datetime
 
 import ray
 import torch
@@ -55,28 +57,35 @@ def run(cfg: DictConfig) -> int:
         _forget_if_changed(store, results, row.job.id, prints[row.job.id])
         results.setdefault(row.job.id, {"id": row.job.id, "status": "pending"})["fingerprint"] = stamps[row.job.id]
 
-    valid_ids = {row.job.id for row in rows}
-    ours = [row.job.id for row in rows]  # the keys of this run's rows in results (older runs' rows may be there too)
+    # The keys of this run's rows in results, in manifest order (an earlier run's other rows may be there
+    # too); a row without an id, or sharing one with another row, is named by its row number.
+    repeated = Counter([row.job.id for row in rows] + [error.id for error in errors])
+    keyed = [(row.row, row.job.id) for row in rows]
     for error in errors:
-        # a row without an id, or repeating one, is named by its row number
-        key = error.id if error.id is not None and error.id not in valid_ids else f"{error.id or ''} (row {error.row})".lstrip()
-        results[key] = {"id": key, "status": "failed", "error": error.reason}
-        ours.append(key)
+        key = error.id if error.id is not None and repeated[error.id] == 1 else f"{error.id or ''} (row {error.row})".lstrip()
+        results[key] = {"id": key, "status": "failed", "error": error.reason, "finished": datetime.now(UTC)}
+        keyed.append((error.row, key))
         log.error("%s: %s", key, error.reason)
+    ours = [key for _, key in sorted(keyed)]
+
+    def save() -> None:
+        mine = set(ours)
+        store.write_results([results[key] for key in ours] + [r for key, r in results.items() if key not in mine])
+
     finished = [row for row in rows if results.get(row.job.id, {}).get("status") == "done" and store.output_exists(row.output)]
     failed_for_good = [] if cfg.retry_failed else [row for row in rows if _failed_for_good(results.get(row.job.id, {}))]
     skipped = {row.job.id for row in finished + failed_for_good}
     todo = [(row, settings_for(row, settings)) for row in rows if row.job.id not in skipped]
     if finished:
-        log.info("%d of %d rows already finished: skipped", len(finished), len(rows))
+        log.info("%d of %d rows already finished: skipped", len(finished), len(ours))
     if failed_for_good:
         log.info("%d rows failed for good in an earlier run: skipped (retry_failed=true renders them again)",
                  len(failed_for_good))
-    store.write_results(list(results.values()))
+    save()
 
     def record(row: dict) -> None:
         results[row["id"]] = {**row, "fingerprint": stamps[row["id"]]}
-        store.write_results(list(results.values()))
+        save()
 
     if todo:
         progress = Progress()
@@ -97,7 +106,7 @@ def run(cfg: DictConfig) -> int:
         except KeyboardInterrupt:
             progress.close()
             results |= {row["id"]: {**row, "fingerprint": stamps[row["id"]]} for row in scheduler.interrupted()}
-            store.write_results(list(results.values()))
+            save()
             log.warning("interrupted: every finished window is stored; run the same command again to resume")
             return 130
         except RunStopped as stopped:
@@ -110,14 +119,17 @@ def run(cfg: DictConfig) -> int:
             if started_ray:
                 ray.shutdown()
 
-    rows_now = [results[key] for key in ours if key in results]
+    rows_now = [results[key] for key in ours]
     done = [r for r in rows_now if r["status"] == "done"]
-    for_good = [r for r in rows_now if r["status"] == "failed" and not r.get("retryable")]
-    retryable = [r for r in rows_now if r["status"] == "failed" and r.get("retryable")]
+    failed = [r for r in rows_now if r["status"] == "failed"]
+    retryable = [r for r in failed if r.get("retryable")]
     for r in done:
         print(f"{r['id']}: {r['output']}")
-    print(f"{len(done)} done, {len(for_good)} failed for a reason a retry cannot fix, {len(retryable)} failed after "
-          f"their retries (a re-run tries them again); results: {store.results_path}")
+    if failed:
+        width = max(len(r["id"]) for r in failed)
+        print("failed:\n" + "\n".join(f"  {r['id']:<{width}}  {r['error']}" for r in failed))
+    print(f"{len(ours)} rows: {len(done)} done, {len(failed) - len(retryable)} failed for a reason a retry cannot fix, "
+          f"{len(retryable)} failed after their retries (a re-run tries them again); results: {store.results_path}")
     return 1 if retryable else 0
 
 

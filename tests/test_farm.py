@@ -213,7 +213,10 @@ def test_a_killed_renderer_hands_its_job_on_without_losing_windows(ray_cluster, 
         assert Path(row["output"]).read_bytes() == Path(original["output"]).read_bytes(), row["id"]
 
 
-def test_malformed_rows_get_reasons_and_the_rest_finish(ray_cluster, manifest, tmp_path):
+def test_malformed_rows_get_reasons_and_the_rest_finish(ray_cluster, manifest, tmp_path, capsys):
+    """Each bad row fails with its own reason (rows sharing an id all fail, each naming the others) and the
+    rest render; results.parquet holds the rows in manifest order, and the run ends with a table of the
+    failed rows and the counts against the manifest's rows."""
     folder = manifest.parent
     (folder / "notes.wav").write_text("this is not audio")
     rows = [
@@ -229,14 +232,22 @@ def test_malformed_rows_get_reasons_and_the_rest_finish(ray_cluster, manifest, t
     store = RunStore(str(tmp_path / "run"))
     # failed the manifest's checks, which a retry cannot fix: the run itself succeeded
     assert run(config(f"manifest={bad}", f"storage.root={store.url}")) == 0
-    results = {r["id"]: r for r in store.read_results()}
+    in_order = store.read_results()
+    assert [r["id"] for r in in_order] == ["good (row 1)", "missing", "unreadable", "typo", "good (row 5)", "fine"]
+    results = {r["id"]: r for r in in_order}
     assert results["unreadable"]["retryable"] is None and results["missing"]["retryable"] is None  # checked every run
-    assert results["good"]["status"] == results["fine"]["status"] == "done"
+    assert results["fine"]["status"] == "done"
     assert "nowhere.wav" in results["missing"]["error"]
     assert "notes.wav" in results["unreadable"]["error"]
     assert "unknown column 'stpes'" in results["typo"]["error"]
-    duplicate = [r for key, r in results.items() if key not in ("good", "fine", "missing", "unreadable", "typo")]
-    assert len(duplicate) == 1 and duplicate[0]["id"] == "good (row 5)" and "repeats row 1" in duplicate[0]["error"]
+    assert results["good (row 1)"]["error"] == "id: 'good' is also the id of row 5"
+    assert results["good (row 5)"]["error"] == "id: 'good' is also the id of row 1"
+    assert all(r["finished"] is not None for r in in_order)
+    printed = capsys.readouterr().out.splitlines()
+    failed = printed[printed.index("failed:") + 1:-1]
+    assert [line.split()[0] for line in failed] == ["good", "missing", "unreadable", "typo", "good"]
+    assert "good (row 5)  id: 'good' is also the id of row 1" in failed[4]
+    assert printed[-1].startswith("6 rows: 1 done, 5 failed for a reason a retry cannot fix, 0 failed after")
 
 
 def test_past_its_retry_budget_a_job_fails_with_the_reason(ray_cluster, manifest, tmp_path):

@@ -168,7 +168,8 @@ def test_each_bad_row_gets_its_reason_and_the_good_rows_run(inputs):
         {"id": "audio-as-image", "image": "speech.wav", "audio": "speech.wav"},
         {"id": "typo", **ok, "stpes": 8},
         {"id": "stranger", **ok, "mood": "happy"},
-        {"id": "one", **ok},  # repeats the good row "one" above it
+        {"id": "twice", **ok},  # rows 8 and 9 share an id: both fail
+        {"id": "twice", **ok},
         {"id": "same-output", **ok, "output": "one.mp4"},
         {"id": "both", **ok, "video": "talk.mp4"},
         {"id": "neither", "audio": "speech.wav"},
@@ -204,8 +205,9 @@ def test_each_bad_row_gets_its_reason_and_the_good_rows_run(inputs):
         ("audio-as-image", f"image {inputs / 'speech.wav'}: no picture in it"),
         ("typo", "unknown column 'stpes'; did you mean 'steps'?"),
         ("stranger", "unknown column 'mood'; known columns: id, image,"),
-        ("one", "id: 'one' repeats row 1"),
-        ("same-output", "output: 'one.mp4' is already written by row 1"),
+        ("twice", "id: 'twice' is also the id of row 9"),
+        ("twice", "id: 'twice' is also the id of row 8"),
+        ("same-output", "output: 'one.mp4' is also the output of row 1"),
         ("both", "image, video: give exactly one (both given)"),
         ("neither", "image, video: give exactly one (neither given)"),
         ("no-audio", "audio: missing"),
