@@ -243,13 +243,14 @@ def _load_renderer(spec: ActorSpec, rank: int, world: int, rendezvous: str) -> M
 
 
 @ray.remote(num_cpus=1)
-def finish(job: Job, inputs: JobInputs, output_name: str, run_root: str) -> dict:
-    """Concatenate the stored segments, mux the original audio, verify, publish under `output_name`."""
+def finish(job: Job, inputs: JobInputs, output_name: str, run_root: str, keep_windows: bool) -> dict:
+    """Concatenate the stored segments, mux the original audio, verify, publish under `output_name`; then
+    remove the segments and resume state unless `keep_windows` (storage.keep_windows)."""
     with as_worker_error():
-        return _finish(job, inputs, output_name, run_root)
+        return _finish(job, inputs, output_name, run_root, keep_windows)
 
 
-def _finish(job: Job, inputs: JobInputs, output_name: str, run_root: str) -> dict:
+def _finish(job: Job, inputs: JobInputs, output_name: str, run_root: str, keep_windows: bool) -> dict:
     """The finished row's columns: where the output is, its length, and the job's timings."""
     started = time.perf_counter()
     store = RunStore(run_root)
@@ -259,6 +260,8 @@ def _finish(job: Job, inputs: JobInputs, output_name: str, run_root: str) -> dic
         segments = store.fetch_segments(job.id, state.segments, tmp)
         local = finish_job(local_job, ResumeState(state.next_window, None, [str(s) for s in segments]), inputs, tmp / "out.mp4", tmp)
         url = store.publish_output(local, output_name)
+    if not keep_windows:
+        store.clear_windows(job.id)
     duration = inputs.num_frames / FPS
     return {"output": url, "frames": inputs.num_frames, "duration": duration,
             **job_timings(store.read_window_log(job.id), duration), "finish_seconds": time.perf_counter() - started}

@@ -188,6 +188,7 @@ class ClusterConfig:
 @dataclass
 class StorageConfig:
     root: str | None  # local path or fsspec URL; null: see run_root
+    keep_windows: bool  # keep a finished job's window segments and resume state (the window log stays anyway)
 
 
 @dataclass

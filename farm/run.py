@@ -95,7 +95,8 @@ def run(cfg: DictConfig) -> int:
         try:
             gpus = _gpus()
             spec = _actor_spec(cfg, gpus)
-            scheduler = Scheduler(spec, store.url, _resources(cfg, gpus, spec.device), progress, record)
+            scheduler = Scheduler(spec, store.url, _resources(cfg, gpus, spec.device), progress, record,
+                                  keep_windows=cfg.storage.keep_windows)
         except ConfigError:
             if started_ray:
                 ray.shutdown()

@@ -137,6 +137,7 @@ class Scheduler:
     resources: Resources
     progress: Progress
     on_result: Callable[[dict], None]  # called with each finished or failed row
+    keep_windows: bool = False  # storage.keep_windows: a finished job's segments and resume state stay
     encoders: list = field(default_factory=list)
     groups: list[RendererGroup] = field(default_factory=list)  # every live renderer
     starting: dict = field(default_factory=dict)  # `ready` ref -> its group, loading or waiting for resources
@@ -304,7 +305,7 @@ class Scheduler:
         except StopIteration:
             self.rendering.pop(ref)
             group.failures = 0
-            self.finishing[finish.remote(task.row.job, task.inputs, task.row.output, self.run_root)] = task
+            self.finishing[finish.remote(task.row.job, task.inputs, task.row.output, self.run_root, self.keep_windows)] = task
             return
         except RayActorError as error:
             self.rendering.pop(ref)

@@ -255,6 +255,16 @@ class RunStore:
             self.fs.rm(job, recursive=True)
 
     @_retried
+    def clear_windows(self, job_id: str) -> None:
+        """Remove a finished job's resume state and segments, keeping its window log: the published
+        video holds them all. state.json goes first, so that no state ever names a missing segment."""
+        job = self._job_dir(job_id)
+        names = self._list(job)
+        for name in sorted(names, key=lambda n: n != "state.json"):
+            if name != "windows":
+                self.fs.rm(f"{job}/{name}")
+
+    @_retried
     def put_segment(self, job_id: str, local_path: str | Path) -> str:
         """Upload a window's segment into the job's directory under its file name; returns that name."""
         name = _component("segment name", Path(local_path).name)

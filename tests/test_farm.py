@@ -86,6 +86,7 @@ def test_a_manifest_renders_every_row(undisturbed):
         assert row["windows"] == len({r["window"] for r in log})
         assert row["actor"].startswith("renderer-")
         assert row["attempts"] == 1 and row["finished"] is not None and row["next_window"] is None
+        assert [p.name for p in (Path(undisturbed.url) / "jobs" / job).iterdir()] == ["windows"]  # segments gone
 
 
 def test_a_done_row_carries_its_timings_summed_from_the_window_log(undisturbed):
@@ -164,8 +165,9 @@ def test_rows_are_skipped_by_what_they_were_rendered_from_not_by_id(ray_cluster,
         run(config(f"manifest={manifest}", f"storage.root={root}", "output.crf=20"))
     unchanged, _ = render(manifest)  # the refused run changed nothing
     assert unchanged == after_edits
-    with_crf, results = render(manifest, "output.crf=20", "rerender=true")
+    with_crf, results = render(manifest, "output.crf=20", "rerender=true", "storage.keep_windows=true")
     assert rendered_again(after_edits, with_crf) == set(rows) and all(r["status"] == "done" for r in results.values())
+    assert all(RunStore(str(root)).load_state(job) is not None for job in rows)  # kept, as asked
     store = RunStore(str(root))
     assert len(store.fs.ls(f"{root}/configs")) == 6  # one per run that started, none for the refused one
     assert yaml.safe_load(store.read_config())["storage"]["root"] == str(root)

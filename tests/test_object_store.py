@@ -141,6 +141,7 @@ def test_a_manifest_on_s3_renders_and_a_rerun_skips_it(bucket_manifest, tmp_path
         info = media.probe(local)
         assert info.video.frame_count == frames_for_duration(seconds) and info.audio is not None
     assert not [p for p in fs.find("talkfarm/runs/first") if p.rsplit("/", 1)[-1].startswith(".")]  # no temporaries left
+    assert {p.split("/")[5] for p in fs.find("talkfarm/runs/first/jobs")} == {"windows"}  # segments and states removed
     published = {job: fs.info(f"{root}/outputs/{job}.mp4")["ETag"] for job in JOBS}
 
     again = tmp_path / "again.log"
