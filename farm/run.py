@@ -47,8 +47,9 @@ def run(cfg: DictConfig) -> int:
         rows, errors = single_job(OmegaConf.to_container(cfg.job), os.getcwd(), settings)
     store = RunStore(run_root(cfg))
     results = {r["id"]: r for r in store.read_results()}
-    prints = fingerprints(rows, digest(output_settings(cfg)))
-    _refuse_other_settings(cfg, store, results, prints)  # before config.yaml, which names the old settings, is replaced
+    made_with = output_settings(cfg)
+    prints = fingerprints(rows, digest(made_with))
+    _refuse_other_settings(cfg, store, results, prints, made_with)  # before config.yaml, which names the old settings, is replaced
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved["storage"]["root"] = store.url  # where the run went, also when it was left to run_root
     store.save_config(OmegaConf.to_yaml(resolved))
@@ -134,14 +135,14 @@ def run(cfg: DictConfig) -> int:
     return 1 if retryable else 0
 
 
-def _refuse_other_settings(cfg, store: RunStore, results: dict, prints: dict) -> None:
-    """A run whose settings or model differ from those of the rows its run root holds stops here, in one
-    line naming the keys (from the run root's config.yaml), unless rerender=true."""
-    stale = [job for job, now in prints.items()
-             if results.get(job, {}).get("fingerprint") and json.loads(results[job]["fingerprint"])["settings"] != now["settings"]]
+def _refuse_other_settings(cfg, store: RunStore, results: dict, prints: dict, now: dict) -> None:
+    """A run whose settings or model (`now`, output_settings) differ from those of the rows its run root
+    holds stops here, in one line naming the keys (from the run root's config.yaml), unless rerender=true."""
+    stale = [job for job, parts in prints.items()
+             if results.get(job, {}).get("fingerprint") and json.loads(results[job]["fingerprint"])["settings"] != parts["settings"]]
     if not stale or cfg.rerender:
         return
-    now, what = output_settings(cfg), "other settings or another model"
+    what = "other settings or another model"
     earlier = store.read_config()
     if earlier is not None:
         before = output_settings(OmegaConf.create(earlier))
