@@ -9,15 +9,16 @@ Manifest: 8 jobs of the demo picture and prompt, speech of 2, 3, 5, 8, 12, 16, 2
 speech.wav looped and cut), a seed each: 31 windows of 117/25 (plan_windows, at the window lengths of the
 command's composed config). The command, on a fresh storage.root (an old one would be resumed), is the
 README's fastest: `python -m farm.cli model=infinitetalk_14b model.weights=W manifest=M sampler=distill
-quant=fp8 attention=int8fp8 memory=MEMORY storage.root=DIR/run-MEMORY`. --tiny: 2 jobs of 2 and 6 s, the
-README's CPU demo (preset=demo, memory=none): 8 windows of 33/9 on its 2 CPU renderers.
+quant=fp8 attention=int8fp8 memory=MEMORY storage.root=DIR/run-MEMORY verbose=true` (verbose: the actors'
+lines on the console as well as in the run's log). --tiny: 2 jobs of 2 and 6 s, the README's CPU demo
+(preset=demo, memory=none): 8 windows of 33/9 on its CPU renderer.
 
 Sampled: nvidia-smi every 100 ms (utilization, memory used; one GPU); every 0.5 s the summed VmRSS of the
 CLI's process tree (the driver and its local Ray: gcs_server, raylet, workers; shared pages such as the
 object store count once per process), the renderers' VmRSS and RssAnon, and its five largest processes. From results.parquet, the window
 logs and the log, afterwards: device-seconds per video-second, whole run and steady (from the end of the
 run's first window, over the frames later windows kept; devices as results.parquet counts them: 1 on one
-GPU, the 2 renderers on a CPU); each window's seconds, stages, steps, peaks and host RSS, and medians
+GPU, the one renderer on a CPU); each window's seconds, stages, steps, peaks and host RSS, and medians
 over steady full-length windows (each actor's first is warm-up); what the first window waited for (the
 driver's first progress line, after ray.init; model loads; compile lines; the encode); the GPU's busy
 fraction from the first window's start to the last's end, its idle gaps >= 0.5 s placed among the
@@ -81,10 +82,11 @@ WINDOW_KEYS = ("job", "window", "attempt", "actor", "started_s", "finished_s", "
 
 
 def farm_overrides(args, manifest: Path, root: Path) -> list[str]:
+    # verbose=true: the actors' lines on the console too (loads, compiles, recompiles), which log_events reads
     if args.tiny:
-        return [f"manifest={manifest}", "preset=demo", f"memory={args.memory}", f"storage.root={root}"]
+        return [f"manifest={manifest}", "preset=demo", f"memory={args.memory}", f"storage.root={root}", "verbose=true"]
     return ["model=infinitetalk_14b", f"model.weights={args.weights}", f"manifest={manifest}", "sampler=distill",
-            "quant=fp8", "attention=int8fp8", f"memory={args.memory}", f"storage.root={root}"]
+            "quant=fp8", "attention=int8fp8", f"memory={args.memory}", f"storage.root={root}", "verbose=true"]
 
 
 def window_lengths(overrides: list[str]) -> tuple[int, int]:
@@ -239,8 +241,8 @@ def log_events(lines: list[tuple[float, str]], t0: float) -> dict:
     """What the log shows around the first windows; a pattern that never matches leaves its entry empty."""
     events = {"driver_ready_s": None, "loads": [], "renderers_ready_s": [], "compile": [], "recompile_lines": []}
     for read_at, text in lines:
-        stamp = ASCTIME.search(text)
-        at = (datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp() if stamp else read_at) - t0
+        stamps = ASCTIME.findall(text)  # an actor's line: the driver's time of receipt, then the actor's own
+        at = (datetime.strptime(stamps[-1], "%Y-%m-%d %H:%M:%S,%f").timestamp() if stamps else read_at) - t0
         worker = WORKER.search(text)
         pid = int(worker.group(2)) if worker else None
         if events["driver_ready_s"] is None and re.search(r"talkfarm: .*\| \d+ jobs to render", text):

@@ -41,6 +41,20 @@ log = logging.getLogger(__name__)
 # the whole group as soon as it sees a member die, so this only bounds a hang.
 GROUP_TIMEOUT = timedelta(minutes=5)
 SCRATCH_PREFIX = "talkfarm-renderer-"  # + the renderer process's pid, under the system temp folder
+ACTOR_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # the level: farm.runlog reads it
+
+
+@dataclass(frozen=True)
+class Activity:
+    """What a renderer's device is doing: `stage` (pipeline.timing's names) of window `window` of `windows`
+    of job `job`; `count` is the step number of a "dit" stage, of `steps`."""
+
+    job: str
+    window: int
+    windows: int
+    stage: str
+    count: int
+    steps: int
 
 
 @dataclass(frozen=True)
@@ -55,7 +69,7 @@ class ActorSpec:
 
 
 def _prepare(spec: ActorSpec) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=ACTOR_LOG_FORMAT)
     if spec.cpu_threads:
         torch.set_num_threads(spec.cpu_threads)
     if spec.tiny:
@@ -139,8 +153,9 @@ class DeviceHold:
         self.turns.done(self.turn)
 
 
-# Two calls at a time: the next job's, which waits for its device turn, beside the current job's end.
-@ray.remote(max_concurrency=2)
+# Two calls at a time: the next job's, which waits for its device turn, beside the current job's end;
+# `doing` in a group of its own, so that it answers while both are busy.
+@ray.remote(max_concurrency=2, concurrency_groups={"status": 1})
 class Renderer:
     """One GPU's renderer, or one member (`rank` of `world`) of a sequence-parallel group: the group's
     members run the same window loop in lockstep (pipeline.parallel), rank 0 stores and reports."""
@@ -151,6 +166,11 @@ class Renderer:
         self.store = RunStore(run_root)
         self.scratch = renderer_scratch()
         self.turns = DeviceTurns()
+        self.activity: Activity | None = None  # the device's latest stage (of a job that may have ended since)
+
+    @ray.method(concurrency_group="status")
+    def doing(self) -> "Activity | None":
+        return self.activity
 
     def ready(self) -> str:
         """Returns once the models are loaded: the driver gives a renderer jobs only then (on an autoscaling
@@ -181,9 +201,15 @@ class Renderer:
             state = stored or ResumeState()
             workdir = self.scratch / job.id  # removed after the job, however it ends
             started = None  # the first window's time runs from when the job took the device
+            windows = len(plan_for(inputs.num_frames, settings))
+
+            def on_stage(window, stage: str, count: int) -> None:
+                self.activity = Activity(job.id, window.index + 1, windows, stage, count, settings.steps)
+
             try:
                 # closing: a failure here stops the device's thread (pipeline.ahead) before the next job
-                with closing(render_windows(models, job, inputs, settings, workdir, state, device_lock=device)) as reports:
+                with closing(render_windows(models, job, inputs, settings, workdir, state, device_lock=device,
+                                            on_stage=on_stage)) as reports:
                     for report in reports:  # each comes as the device renders the next window
                         started = started or device.began
                         if self.rank > 0:

@@ -14,8 +14,11 @@ validate and the converters need of the pipeline's heavier modules is imported i
 uses it.
 """
 
+import ast
 import contextlib
+import inspect
 import os
+import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path, PurePosixPath
@@ -90,10 +93,10 @@ class ConfigError(ValueError):
 class PrecisionConfig:
     """Base dtype of each component: bf16, fp16 or fp32."""
 
-    dit: str
-    t5: str
-    clip: str
-    vae: str
+    dit: str  # the DiT (with InfiniteTalk's audio modules)
+    t5: str  # the umT5 text encoder
+    clip: str  # the CLIP image encoder
+    vae: str  # the Wan VAE
 
 
 @dataclass
@@ -101,7 +104,7 @@ class ModelConfig:
     """What every model= option has."""
 
     device: str  # auto (cuda where the cluster has GPUs as the run starts, else cpu), cuda or cpu
-    precision: PrecisionConfig
+    precision: PrecisionConfig  # base dtype of each component: bf16, fp16 or fp32
 
 
 @dataclass
@@ -115,14 +118,14 @@ class TinyModel(ModelConfig):
 class InfiniteTalk14B(ModelConfig):
     """model=infinitetalk_14b: the official checkpoints, each path overridable."""
 
-    weights: str  # the root the three paths below default to
+    weights: str  # the folder that wan_dir, infinitetalk and wav2vec_dir are in, unless given
     wan_dir: str  # Wan2.1-I2V-14B-480P/: DiT shards, config.json, T5, CLIP, VAE, tokenizer
     infinitetalk: str  # InfiniteTalk/single/infinitetalk.safetensors: the audio modules
-    wav2vec_dir: str  # chinese-wav2vec2-base/
-    dit_file: str | None  # ComfyUI-style single files standing in for the one in wan_dir
-    t5_file: str | None
-    clip_file: str | None
-    vae_file: str | None
+    wav2vec_dir: str  # chinese-wav2vec2-base/: the audio encoder
+    dit_file: str | None  # a ComfyUI-style single DiT file (bf16 or fp8) instead of wan_dir's shards
+    t5_file: str | None  # a single T5 file instead of wan_dir's
+    clip_file: str | None  # a single CLIP file instead of wan_dir's
+    vae_file: str | None  # a single VAE file instead of wan_dir's
 
 
 @dataclass
@@ -139,10 +142,10 @@ class AttentionConfig:
 class VAETilingConfig:
     """pipeline.models.vae.VAETiling, in pixels: tiles overlap by tile - stride and are blended."""
 
-    tile_height: int
-    tile_width: int
-    stride_height: int
-    stride_width: int
+    tile_height: int  # pixels
+    tile_width: int  # pixels
+    stride_height: int  # pixels from one tile to the next; less than the tile: they overlap
+    stride_width: int  # pixels from one tile to the next
 
 
 @dataclass
@@ -158,7 +161,7 @@ class MemoryConfig:
 
 @dataclass
 class SamplerConfig:
-    scheduler: str  # pipeline.sampler.SCHEDULERS
+    scheduler: str  # the sampler: one of pipeline.sampler.SCHEDULERS
     steps: int  # DiT evaluations per window (times the guidance passes)
     shift: float  # Wan's timestep shift: 7 at 480p, 11 at 720p
     text_scale: float  # 1 drops the negative-prompt pass
@@ -177,7 +180,7 @@ class WindowConfig:
 class ClusterConfig:
     mode: str  # local: an in-process Ray; address: join the Ray cluster at `address`
     address: str | None  # cluster=address only
-    renderers: int | None  # DiT+VAE actors; null: one per GPU, 2 without GPUs; with no GPU yet: how many to ask for
+    renderers: int | None  # DiT+VAE actors; null: one per GPU, 1 without GPUs; with no GPU yet: how many to ask for
     encoders: int  # T5/CLIP/wav2vec2 actors
     max_retries: int  # per job, after failures a retry can help
     actor_failure_limit: int  # failures in a row before a renderer is replaced
@@ -195,25 +198,24 @@ class StorageConfig:
 class JobConfig:
     """One job from the command line, with the fields of a manifest row."""
 
-    id: str | None
-    image: str | None
-    video: str | None
-    audio: str | None
+    id: str | None  # null: the audio file's stem
+    image: str | None  # a face image ...
+    video: str | None  # ... or a video to dub
+    audio: str | None  # the speech: a path or an fsspec URL, relative paths against the current directory
     audio_2: str | None  # the second speaker
     audio_type: str  # two speakers: para or add
-    # Two speakers: [left, top, right, bottom] each, in source pixels. The numbers are checked with the
-    # job (OmegaConf cannot type a nested list of floats that also takes ints).
-    boxes: list[list[Any]] | None
-    prompt: str
-    negative_prompt: str | None
-    seed: int
-    output: str | None
+    # The numbers are checked with the job (OmegaConf cannot type a nested list of floats that also takes ints).
+    boxes: list[list[Any]] | None  # two speakers: [[left, top, right, bottom], [...]] in source pixels
+    prompt: str  # what the video shows, for the text encoder
+    negative_prompt: str | None  # null: the official one
+    seed: int  # the noise's seed: the same seed and inputs give the same video
+    output: str | None  # file name in the run's outputs/; null: <id>.mp4
 
 
 @dataclass
 class OutputConfig:
     size: str  # a bucket name of pipeline.media.BUCKETS or WIDTHxHEIGHT
-    color_match: str  # pipeline.color.METHODS
+    color_match: str  # how each window's colours are matched to the reference: a method of pipeline.color.METHODS
     color_strength: float  # 0 off, 1 fully matched
     crf: int  # H.264 quality, pipeline.job.CRF_RANGE
 
@@ -235,6 +237,8 @@ class Config:
     storage: StorageConfig
     retry_failed: bool  # render again the rows an earlier run failed for good (retryable false)
     rerender: bool  # render again the rows an earlier run made with other settings or another model
+    verbose: bool  # the console shows the actors' output and every log line too, not only the run log
+    dry_run: bool  # check every row and print the plan and a GPU-time estimate; nothing rendered or written
 
 
 # conf/config.yaml starts from "talkfarm"; each model/*.yaml starts from its own schema. Stored outside
@@ -243,6 +247,42 @@ _store = ConfigStore.instance()
 _store.store(name="talkfarm", node=Config)
 _store.store(name="tiny_model", node=TinyModel)
 _store.store(name="infinitetalk_14b_model", node=InfiniteTalk14B)
+
+
+def key_notes(cfg: DictConfig) -> dict[str, str]:
+    """Every leaf key of the composed `cfg` (dotted) -> its one-line description: the comment beside its
+    field in the schema above, or the comment lines just over it (what `talkfarm --help` prints)."""
+    notes: dict[str, str] = {}
+
+    def walk(node: DictConfig, prefix: str) -> None:
+        described = _field_notes(OmegaConf.get_type(node))
+        for key in node:
+            child = node._get_node(key)
+            if isinstance(child, DictConfig) and is_dataclass(OmegaConf.get_type(child)):
+                walk(child, f"{prefix}{key}.")
+            else:
+                notes[f"{prefix}{key}"] = described.get(key, "")
+
+    walk(cfg, "")
+    return notes
+
+
+def _field_notes(schema: type) -> dict[str, str]:
+    """{field: its comment} of a schema dataclass and the dataclasses it extends, read from their source."""
+    notes: dict[str, str] = {}
+    for klass in reversed([k for k in schema.__mro__ if is_dataclass(k)]):
+        lines, _ = inspect.getsourcelines(klass)
+        for node in ast.parse(textwrap.dedent("".join(lines))).body[0].body:
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                line = lines[node.lineno - 1]
+                beside = line.partition("  # ")[2].strip()
+                above = []
+                for earlier in reversed(lines[: node.lineno - 1]):
+                    if not earlier.strip().startswith("#"):
+                        break
+                    above.insert(0, earlier.strip().lstrip("#").strip())
+                notes[node.target.id] = beside or " ".join(above)
+    return notes
 
 
 # ---------------------------------------------------------------------------------------------- checks

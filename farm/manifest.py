@@ -69,6 +69,7 @@ class ManifestRow:
     job: Job
     output: str  # file name in the run's output folder
     overrides: dict  # the RenderSettings fields this row changes
+    speech_seconds: float | None = None  # the job's timeline (its tracks arranged); None: remote audio, not probed
 
 
 @dataclass(frozen=True)
@@ -341,6 +342,7 @@ class _Draft:
     output: str | None = None
     overrides: dict = field(default_factory=dict)
     reasons: list[str] = field(default_factory=list)
+    speech_seconds: float | None = None
 
     def take(self, values: dict, column: str, convert):
         """values[column] converted, or None if it is not given or does not convert (the reason noted)."""
@@ -358,7 +360,7 @@ def _check_rows(records: list[dict], base_dir: str, base: RenderSettings) -> tup
     drafts = [_parse(row, record, base_dir, base) for row, record in enumerate(records, 1)]
     _mark_duplicates(drafts)
     _check_media(drafts)
-    rows = [ManifestRow(d.row, d.job, d.output, d.overrides) for d in drafts if not d.reasons]
+    rows = [ManifestRow(d.row, d.job, d.output, d.overrides, d.speech_seconds) for d in drafts if not d.reasons]
     errors = [RowError(d.row, d.id, "; ".join(d.reasons)) for d in drafts if d.reasons]
     return rows, errors
 
@@ -454,6 +456,10 @@ def _check_media(drafts: list[_Draft]) -> None:
                 draft.reasons.append(f"{column} {path}: {problem}")
         if draft.job is not None and draft.job.boxes:
             _check_boxes(draft, found[draft.job.image or draft.job.video][0])
+        tracks = [found[path][0] for path in (draft.job.audio if draft.job else ())]
+        if tracks and all(info is not None and info.has_audio for info in tracks):
+            seconds = [info.audio.duration for info in tracks]  # as pipeline.speakers arranges them
+            draft.speech_seconds = sum(seconds) if draft.job.audio_type == "add" else max(seconds)
 
 
 def _check_boxes(draft: _Draft, source: media.MediaInfo | None) -> None:

@@ -15,16 +15,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from farm.actors import ActorSpec
-from farm.config import ConfigError, TinyModel, checkpoint_paths, model_spec, output_settings, render_settings, run_root
-from farm.fingerprint import changed_parts, digest, fingerprints
-from farm.manifest import ManifestError, read_manifest, settings_for, single_job
+from farm.config import ConfigError, TinyModel, checkpoint_paths, model_spec
+from farm.dryrun import dry_run
+from farm.plan import AGAIN, DONE, FAILED_FOR_GOOD, RunPlan, expected_windows, plan_run
 from farm.progress import Progress
+from farm.runlog import run_log, take_actor_output
 from farm.scheduler import Resources, RunStopped, Scheduler
-from farm.storage import RunStore
 
 log = logging.getLogger("talkfarm")
 
-CPU_RENDERERS = 2  # on a machine without GPUs (the tiny model, tests, the demo)
+CPU_RENDERERS = 1  # on a machine without GPUs (the tiny model, the demo): a second one only splits the same cores
 # Of Ray's GPU unit, what an encoder on the GPU asks for; each renderer leaves that much free, so the
 # encoders fit beside the renderers (one per GPU) and count against the GPUs Ray hands out. Their models
 # take ~14 GB of GPU memory at 14B (benchmarks/RESULTS.md), which Ray does not account for.
@@ -35,27 +35,30 @@ def run(cfg: DictConfig) -> int:
     """Render every row; returns the process exit code: 0 when every row is done or failed for a reason a
     retry cannot fix (a bad input, an error the same inputs repeat: the summary says how many), 1 when a
     row failed for a reason a retry might get past (retries used up) or the run stopped (a worker could
-    not load its models), 130 after Ctrl-C. A manifest that cannot be read raises ConfigError."""
-    settings = render_settings(cfg)
-    # Read before the run root is made: a manifest that cannot be read stops the run leaving nothing behind.
-    if cfg.manifest:
-        try:
-            rows, errors = read_manifest(cfg.manifest, settings)
-        except ManifestError as exc:  # a config value that cannot run: the CLI reports it in one line
-            raise ConfigError(f"manifest: {exc}") from None
-    else:
-        rows, errors = single_job(OmegaConf.to_container(cfg.job), os.getcwd(), settings)
-    store = RunStore(run_root(cfg))
-    results = {r["id"]: r for r in store.read_results()}
-    made_with = output_settings(cfg)
-    prints = fingerprints(rows, digest(made_with))
-    _refuse_other_settings(cfg, store, results, prints, made_with)  # before config.yaml, which names the old settings, is replaced
+    not load its models), 130 after Ctrl-C. A manifest that cannot be read, or a run root made with other
+    settings, raises ConfigError. dry_run=true: farm.dryrun's plan instead, and nothing is written."""
+    if cfg.dry_run:
+        return dry_run(cfg)
+    plan = plan_run(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    resolved["storage"]["root"] = store.url  # where the run went, also when it was left to run_root
-    store.save_config(OmegaConf.to_yaml(resolved))
+    resolved["storage"]["root"] = plan.store.url  # where the run went, also when it was left to run_root
+    stamp = plan.store.save_config(OmegaConf.to_yaml(resolved))
+    progress = Progress(verbose=cfg.verbose)
+    with run_log(plan.store, stamp, progress.handler()) as log_url:
+        code = _render(cfg, plan, progress)
+        log.info("the run's log: %s", log_url)
+    return code
+
+
+def _render(cfg, plan: RunPlan, progress: Progress) -> int:
+    """run's work once its config is saved: the rows rendered, the results written, the summary printed."""
+    rows, errors, store, results, prints, actions = plan.rows, plan.errors, plan.store, plan.results, plan.prints, plan.actions
     stamps = {job: json.dumps(parts) for job, parts in prints.items()}  # results.parquet's fingerprint column
     for row in rows:
-        _forget_if_changed(store, results, row.job.id, prints[row.job.id])
+        if actions[row.job.id].startswith(AGAIN):  # what its stored windows and output were made from changed
+            log.info("%s: %s: rendering it again", row.job.id, actions[row.job.id].removeprefix(AGAIN))
+            store.clear_job(row.job.id)  # the old output stays published until the new one replaces it
+            del results[row.job.id]
         results.setdefault(row.job.id, {"id": row.job.id, "status": "pending"})["fingerprint"] = stamps[row.job.id]
 
     # The keys of this run's rows in results, in manifest order (an earlier run's other rows may be there
@@ -73,10 +76,9 @@ def run(cfg: DictConfig) -> int:
         mine = set(ours)
         store.write_results([results[key] for key in ours] + [r for key, r in results.items() if key not in mine])
 
-    finished = [row for row in rows if results.get(row.job.id, {}).get("status") == "done" and store.output_exists(row.output)]
-    failed_for_good = [] if cfg.retry_failed else [row for row in rows if _failed_for_good(results.get(row.job.id, {}))]
-    skipped = {row.job.id for row in finished + failed_for_good}
-    todo = [(row, settings_for(row, settings)) for row in rows if row.job.id not in skipped]
+    finished = [row for row in rows if actions[row.job.id] == DONE]
+    failed_for_good = [row for row in rows if actions[row.job.id] == FAILED_FOR_GOOD]
+    todo = [(row, plan.row_settings(row)) for row in rows if not actions[row.job.id].startswith("skip")]
     if finished:
         log.info("%d of %d rows already finished: skipped", len(finished), len(ours))
     if failed_for_good:
@@ -89,7 +91,6 @@ def run(cfg: DictConfig) -> int:
         save()
 
     if todo:
-        progress = Progress()
         started_ray = not ray.is_initialized()  # a caller (a notebook, a test) may have started Ray already
         if started_ray:
             _start_ray(cfg)
@@ -104,7 +105,7 @@ def run(cfg: DictConfig) -> int:
             raise
         try:
             scheduler.start()
-            scheduler.run(todo, earlier=dict(results))
+            scheduler.run(todo, earlier=dict(results), expected={row.job.id: _count(expected_windows(row, s)) for row, s in todo})
         except KeyboardInterrupt:
             progress.close()
             results |= {row["id"]: {**row, "fingerprint": stamps[row["id"]]} for row in scheduler.interrupted()}
@@ -135,40 +136,8 @@ def run(cfg: DictConfig) -> int:
     return 1 if retryable else 0
 
 
-def _refuse_other_settings(cfg, store: RunStore, results: dict, prints: dict, now: dict) -> None:
-    """A run whose settings or model (`now`, output_settings) differ from those of the rows its run root
-    holds stops here, in one line naming the keys (from the run root's config.yaml), unless rerender=true."""
-    stale = [job for job, parts in prints.items()
-             if results.get(job, {}).get("fingerprint") and json.loads(results[job]["fingerprint"])["settings"] != parts["settings"]]
-    if not stale or cfg.rerender:
-        return
-    what = "other settings or another model"
-    earlier = store.read_config()
-    if earlier is not None:
-        before = output_settings(OmegaConf.create(earlier))
-        keys = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
-        what = ", ".join(f"{k}={before.get(k)} (now {now.get(k)})" for k in keys) or what
-    raise ConfigError(f"storage.root: {len(stale)} rows of {store.url} were rendered with {what}; give a new "
-                      "storage.root, or rerender=true to render them again with these settings")
-
-
-def _forget_if_changed(store: RunStore, results: dict, job_id: str, now: dict) -> None:
-    """A row whose inputs, own fields or settings differ from what its stored windows and output were made
-    from renders again from nothing (the old output stays published until the new one replaces it)."""
-    earlier = results.get(job_id)
-    if earlier is None or (earlier["status"] == "failed" and earlier.get("retryable") is None):
-        return  # new, or refused by the manifest's checks last time: nothing was rendered
-    before = json.loads(earlier["fingerprint"]) if earlier.get("fingerprint") else None
-    if before == now:
-        return
-    why = f"its {', '.join(changed_parts(before, now))} changed" if before else "it has no fingerprint (an earlier talkfarm)"
-    log.info("%s: %s since it was rendered: rendering it again", job_id, why)
-    store.clear_job(job_id)
-    del results[job_id]
-
-
-def _failed_for_good(result: dict) -> bool:
-    return result.get("status") == "failed" and result.get("retryable") is False
+def _count(windows: list | None) -> int | None:
+    return None if windows is None else len(windows)
 
 
 def _start_ray(cfg) -> None:
@@ -179,9 +148,12 @@ def _start_ray(cfg) -> None:
         if os.environ.get("RAY_ADDRESS"):
             log.warning("cluster=local starts its own Ray on this machine; RAY_ADDRESS=%s is not used "
                         "(cluster=address cluster.address=auto runs there)", os.environ["RAY_ADDRESS"])
+        # Ray's local cluster turns token authentication on and says so, on every run: nothing to act on.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         ray.init(address="local", **_local_resources(cfg), include_dashboard=False, logging_level=logging.WARNING)
     else:
         ray.init(address=cfg.cluster.address, include_dashboard=False, logging_level=logging.WARNING)
+    take_actor_output()
 
 
 def _gpus() -> int:

@@ -45,6 +45,7 @@ from pipeline.job import RenderSettings
 log = logging.getLogger(__name__)
 
 CLOSE_TIMEOUT_S = 10  # for idle renderers to remove their scratch folders when the run ends
+ASK_EVERY_S = 1.0  # how often the progress line asks the renderers what their devices do
 
 
 class RunStopped(RuntimeError):
@@ -147,6 +148,8 @@ class Scheduler:
     rendering: dict = field(default_factory=dict)  # rank 0's generator -> (task, its group); two at most per group
     followers: dict = field(default_factory=dict)  # the other ranks' generators -> (task, their group)
     finishing: dict = field(default_factory=dict)  # finish task ref -> task
+    asking: dict = field(default_factory=dict)  # `doing` ref -> its group (the progress line's stages)
+    _asked_at: float = 0.0
     _spawned: int = 0
     _load_deaths: int = 0  # renderers in a row that died while loading
 
@@ -219,16 +222,20 @@ class Scheduler:
 
     # ------------------------------------------------------------------------------------------ the loop
 
-    def run(self, rows: list[tuple[ManifestRow, RenderSettings]], earlier: dict[str, dict]) -> None:
+    def run(self, rows: list[tuple[ManifestRow, RenderSettings]], earlier: dict[str, dict],
+            expected: dict[str, int | None]) -> None:
         """Render `rows`; `earlier` holds the results rows of earlier runs by id, whose attempts and
-        seconds a resumed row adds to its own."""
+        seconds a resumed row adds to its own; `expected`, each row's windows as far as the manifest tells
+        (None: not known before its encode), for the progress line's total."""
         for row, settings in rows:
             before = earlier.get(row.job.id, {})
             self.to_encode.append(Task(row, settings, earlier_attempts=before.get("attempts") or 0,
                                        earlier_seconds=before.get("seconds") or 0.0))
-        self.progress.start(len(rows))
+        self.progress.start(expected)
         while self.to_encode or self.encoding or self.ready or self.rendering or self.followers or self.finishing:
             self._dispatch()
+            if self.progress.live:
+                self._ask_what_renderers_do()
             waiting = [*self.starting, *self.encoding, *self.rendering, *self.followers, *self.finishing]
             done, _ = ray.wait(waiting, num_returns=1, timeout=1.0)
             for ref in done:
@@ -264,6 +271,27 @@ class Scheduler:
             if spare:
                 log.info("no job left to start: letting %s go", ", ".join(g.name for g in spare))
                 self._let_go(spare)
+
+    def _ask_what_renderers_do(self) -> None:
+        """For the progress line on a terminal: each rendering renderer's device stage, asked at most once a
+        second, answers taken as they come without waiting."""
+        if self.asking:
+            answered, _ = ray.wait(list(self.asking), num_returns=len(self.asking), timeout=0)
+            for ref in answered:
+                group = self.asking.pop(ref)
+                try:
+                    activity = ray.get(ref)
+                except Exception:  # noqa: BLE001 - a renderer that died: its render call tells the scheduler
+                    activity = None
+                rendering = {task.id for task in self._jobs(group)}
+                self.progress.doing(group.name, activity if activity and activity.job in rendering else None)
+        if not self.asking and time.monotonic() - self._asked_at >= ASK_EVERY_S:
+            self._asked_at = time.monotonic()
+            busy = {group.name: group for _, group in self.rendering.values()}
+            self.asking = {group.actors[0].doing.remote(): group for group in busy.values()}
+            for name in list(self.progress.activities):
+                if name not in busy:
+                    self.progress.doing(name, None)
 
     def _on_loaded(self, ref) -> None:
         """A renderer loaded its models (it can take jobs now), or could not."""
@@ -306,6 +334,7 @@ class Scheduler:
             self.rendering.pop(ref)
             group.failures = 0
             self.finishing[finish.remote(task.row.job, task.inputs, task.row.output, self.run_root, self.keep_windows)] = task
+            self.progress.finishing(task.id)
             return
         except RayActorError as error:
             self.rendering.pop(ref)

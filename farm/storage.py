@@ -3,6 +3,7 @@ memory://, file://) - the same code for all of them.
 
     <root>/config.yaml                              the resolved config of the latest run ...
     <root>/configs/<UTC start time>.yaml            ... and of every run, kept
+    <root>/logs/<UTC start time>.log                every run's log (farm.runlog)
     <root>/results.parquet                          one row per job (RESULTS_SCHEMA), rewritten whole
     <root>/jobs/<job_id>/state.json                 resume state after the job's last finished window ...
     <root>/jobs/<job_id>/state-00004-<token>.safetensors   ... and its motion latents (named in state.json)
@@ -154,11 +155,30 @@ class RunStore:
         return None if data is None else data.decode()
 
     @_retried
-    def save_config(self, text: str) -> None:
-        """config.yaml, the latest run's, and a copy under configs/ named by the time (UTC) it was saved."""
+    def save_config(self, text: str) -> str:
+        """config.yaml, the latest run's, and a copy under configs/ named by the time (UTC) it was saved:
+        the run's stamp, returned, which also names its log."""
         stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H%M%S.%fZ")
         self._write(self._path("configs", f"{stamp}.yaml"), text.encode())
         self._write(self._path("config.yaml"), text.encode())
+        return stamp
+
+    def log_path(self, stamp: str) -> str:
+        """Where the log of the run `stamp` is (a path for a local root, a URL otherwise)."""
+        return self._location(self._path("logs", f"{stamp}.log"))
+
+    def local_log(self, stamp: str) -> Path | None:
+        """The log's own file on a local root (its folder made), to append to as the run goes; None on
+        an object store, where it is put whole (put_log)."""
+        if not isinstance(self.fs, LocalFileSystem):
+            return None
+        path = Path(self.log_path(stamp))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @_retried
+    def put_log(self, local_path: str | Path, stamp: str) -> None:
+        self._upload(local_path, self._path("logs", f"{stamp}.log"))
 
     @_retried
     def write_results(self, rows: list[dict]) -> None:

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, closing, nullcontext
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -233,6 +234,7 @@ def render_windows(
     state: ResumeState | None = None,
     keep_frames: bool = False,
     device_lock: AbstractContextManager = nullcontext(),
+    on_stage: Callable[[Window, str, int], None] | None = None,
 ) -> Iterator[WindowReport]:
     """Render the job's windows from `state.next_window` on, yielding a report after each; each
     window's kept frames become a segment file in `workdir`. keep_frames: the report carries all the
@@ -244,10 +246,13 @@ def render_windows(
 
     device_lock is held from before the first window's device work until after the last's, not while
     the last segment is encoded: a renderer that takes its next job early passes a lock it shares with
-    that job, so the next job's first window runs while this job's last segment is encoded."""
+    that job, so the next job's first window runs while this job's last segment is encoded.
+
+    on_stage(window, stage, count) is called, on the device's thread, as each of a window's timed stages
+    begins (pipeline.timing.StageClock: "dit" is sampling step `count`), for a live display."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    device = _holding(device_lock, _device_windows(models, job, inputs, settings, workdir, state, keep_frames))
+    device = _holding(device_lock, _device_windows(models, job, inputs, settings, workdir, state, keep_frames, on_stage))
     for frames, report in run_ahead(device, name=f"render-{job.id}"):
         started = time.perf_counter()
         media.write_video(report.state.segments[-1], frames, fps=FPS, crf=settings.crf)
@@ -259,7 +264,7 @@ def _holding(lock: AbstractContextManager, items: Iterator):
         yield from items
 
 
-def _device_windows(models, job, inputs, settings, workdir, state, keep_frames) -> Iterator[tuple[torch.Tensor, WindowReport]]:
+def _device_windows(models, job, inputs, settings, workdir, state, keep_frames, on_stage) -> Iterator[tuple[torch.Tensor, WindowReport]]:
     """render_windows' device side: per window, (its kept frames as uint8 [T, H, W, 3] on the host, its
     report); the segment the report's state names is not written yet."""
     plan = plan_for(inputs.num_frames, settings)
@@ -268,7 +273,7 @@ def _device_windows(models, job, inputs, settings, workdir, state, keep_frames) 
     colour_reference = inputs.references[0]
     motion = state.motion_latents
     for window in plan[state.next_window :]:
-        clock = StageClock(renderer.device)
+        clock = StageClock(renderer.device, partial(on_stage, window) if on_stage else None)
         if motion is None:
             # The first window opens on the reference frame itself: its latent is the first latent
             # frame of the conditioning (the VAE is causal), which the renderer encodes here.

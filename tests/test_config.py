@@ -129,6 +129,33 @@ def test_every_option_the_documents_name_exists():
     assert missing == []
 
 
+@pytest.mark.parametrize("model", ["tiny", "infinitetalk_14b"])
+def test_the_help_lists_every_key_with_its_value_and_a_description_and_every_group_option(model):
+    shown = subprocess.run([sys.executable, "-m", "farm.cli", f"model={model}", "--help"], capture_output=True, text=True,
+                           cwd=REPO, check=True).stdout
+    cfg = compose_config(f"model={model}")
+    leaves = [key for key in _leaf_keys(OmegaConf.to_container(cfg))]
+    assert "model.precision.dit" in leaves and ("model.dir" in leaves) == (model == "tiny")
+    for key in leaves:
+        line = re.search(rf"^  {re.escape(key)}=(\S*)\s+(.*)$", shown, re.M)
+        assert line, f"{key} is not in the help"
+        assert len(line.group(2).split()) >= 2, f"{key}: no description"  # from the schema's comment
+    assert f"model: infinitetalk_14b{'*' * (model == 'infinitetalk_14b')}, tiny{'*' * (model == 'tiny')}" in shown
+    for group in (p for p in (REPO / "conf").iterdir() if p.is_dir() and not p.name.startswith("_")):
+        options = sorted(f.stem for f in group.glob("*.yaml"))
+        assert re.search(rf"^  {group.name}: " + ", ".join(rf"{o}\*?" for o in options) + "$", shown, re.M), group.name
+
+
+def _leaf_keys(tree: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            keys += _leaf_keys(value, f"{prefix}{key}.")
+        else:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
 def test_top_level_defaults():
     cfg = compose_config()
     assert cfg.manifest is None and cfg.job.audio is None and cfg.job.seed == 0 and cfg.job.audio_type == "para"
@@ -354,7 +381,9 @@ def test_cli_help(cli):
     code, out, _ = cli("--help")
     assert code == 0
     assert out.startswith("talkfarm renders")
-    assert "model: infinitetalk_14b, tiny" in out and "sampler: distill, dpmpp_sde, euler" in out
+    assert "model: infinitetalk_14b, tiny*" in out and "sampler: distill, dpmpp_sde, euler*" in out
+    code, _, err = cli("sampler=eular", "--help")  # a mistake in what the help is asked for: one line
+    assert code == 1 and err.startswith("talkfarm: In 'config': Could not find 'sampler/eular'") and err.count("\n") == 1
 
 
 # As `talkfarm` runs: a fresh process, which reports on stdout as it exits whether Ray was imported.
@@ -391,3 +420,31 @@ def test_cli_stops_an_unreadable_manifest_in_one_line(tmp_path):
     assert done.stderr == f"talkfarm: manifest: {manifest}: line 2: not valid JSON (Expecting property name " \
                           f"enclosed in double quotes, column 12)\n", done.stderr
     assert list(tmp_path.iterdir()) == [manifest]  # no run root (runs/broken) for a run that cannot start
+
+
+def test_a_dry_run_prints_the_plan_without_ray_or_a_model_and_writes_nothing(tmp_path):
+    """The demo manifest plus a row whose audio is missing: each row with its windows and seconds and what a
+    run would do, the totals, and the GPU time at the rate recorded for the presets (one 117-frame window
+    of 4 steps x 1 pass at memory=fast quant=fp8 attention=int8fp8 is 4 x 4.00 + 1.51 = 17.51 s, as
+    measured); no run root is made and Ray is never imported."""
+    manifest = tmp_path / "manifest.jsonl"
+    demo = (REPO / "jobs" / "demo" / "manifest.jsonl").read_text().replace('"astronaut.png"', f'"{REPO}/jobs/demo/astronaut.png"')
+    demo = demo.replace('"speech.wav"', f'"{REPO}/jobs/demo/speech.wav"')
+    manifest.write_text(demo + '{"id": "lost", "image": "%s/jobs/demo/astronaut.png", "audio": "nope.wav"}\n' % REPO)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", CLI, f"manifest={manifest}", "dry_run=true", "memory=fast", "quant=fp8",
+                           "attention=int8fp8", "sampler=distill", "output.size=832x480", "cluster=address"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert lines[0].split() == ["row", "id", "windows", "video", "s", "a", "run", "would"]
+    assert lines[1].split() == ["1", "astronaut", "1", "3.88", "render"]  # 97 frames: one window
+    assert lines[2].split()[:5] == ["2", "astronaut-preview", "1", "3.88", "render"]
+    assert lines[3].startswith("3    lost") and "refused: audio " in lines[3] and "nope.wav: no such file" in lines[3]
+    assert lines[4] == "3 rows: 2 to render (2 windows, 7.8 s of video), 0 skipped, 1 refused"
+    # a 97-frame window: 4 steps x 4.00 s x 97/117 + 1.51 x 97/117; the preview row's 8 steps twice the forwards
+    one = 97 / 117 * (4 * 4.00 + 1.51)
+    eight = 97 / 117 * (8 * 4.00 + 1.51)
+    assert f"about {(one + eight) / 3600:.2f} GPU-hours ({(one + eight) / 7.76:.1f} GPU-seconds per second" in lines[5]
+    assert lines[-1] == "ray imported: False"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.jsonl"]  # no runs/manifest/

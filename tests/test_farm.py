@@ -4,6 +4,8 @@ finished rows, and malformed rows get their reasons while the rest finish."""
 
 import json
 import os
+import pty
+import re
 import shutil
 import signal
 import subprocess
@@ -114,7 +116,7 @@ def test_a_rerun_skips_finished_rows(ray_cluster, manifest, undisturbed):
 
 
 
-def test_rows_are_skipped_by_what_they_were_rendered_from_not_by_id(ray_cluster, tmp_path, caplog):
+def test_rows_are_skipped_by_what_they_were_rendered_from_not_by_id(ray_cluster, tmp_path, caplog, capsys):
     """A row is finished only while the bytes of its inputs, its own fields and the run's settings are
     those its output was made from (results.parquet: fingerprint): another manifest reusing an id with
     other speech, a changed seed and a changed image under the same name each render their row again,
@@ -156,6 +158,15 @@ def test_rows_are_skipped_by_what_they_were_rendered_from_not_by_id(ray_cluster,
 
     rows["seed"]["seed"] = 4
     (folder / "other.png").write_bytes((folder / "face.png").read_bytes()[:-1] + b"\0")  # same name, other bytes
+    # a dry run says beforehand what the run will do with each row, and writes nothing
+    files = sorted(root.rglob("*"))
+    capsys.readouterr()
+    assert run(config(f"manifest={write(manifest, rows)}", f"storage.root={root}", "dry_run=true")) == 0
+    planned = {line.split()[1]: line.split(maxsplit=4)[4] for line in capsys.readouterr().out.splitlines()[1:4]}
+    assert planned == {"same": "render again from nothing: its audio changed since it was rendered",
+                       "seed": "render again from nothing: its row changed since it was rendered",
+                       "image": "render again from nothing: its image changed since it was rendered"}
+    assert sorted(root.rglob("*")) == files
     after_edits, results = render(write(manifest, rows))
     assert rendered_again(after_reuse, after_edits) == {"same", "seed", "image"}
     assert "seed: its row changed" in caplog.text and "image: its image changed" in caplog.text
@@ -307,6 +318,43 @@ def test_ctrl_c_records_the_interrupted_rows_and_a_rerun_resumes_them_counting_b
     # theirs when the run ended
     assert [p.name for p in temp.glob(f"{SCRATCH_PREFIX}*")] == []
     shutil.rmtree(temp, ignore_errors=True)
+
+
+def on_a_terminal(command: list[str], **kwargs) -> tuple[int, str]:
+    """Run `command` with its stderr on a pseudo-terminal (as a user's shell gives it): (status, what the
+    terminal got)."""
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=terminal, **kwargs)
+    os.close(terminal)
+    screen = b""
+    while True:
+        try:
+            chunk = os.read(controller, 65536)
+        except OSError:  # EIO: the process closed the terminal
+            break
+        if not chunk:
+            break
+        screen += chunk
+    os.close(controller)
+    return process.wait(timeout=60), screen.decode(errors="replace")
+
+
+def test_a_terminal_shows_one_updating_line_with_the_window_stage_and_the_actors_output_goes_to_the_run_log(manifest, tmp_path):
+    root = tmp_path / "run"
+    command = ["talkfarm", f"job.image={manifest.parent / 'face.png'}", f"job.audio={manifest.parent / 'long.wav'}",
+               f"storage.root={root}", *FAST, "cluster.renderers=1"]
+    status, screen = on_a_terminal(command, cwd=tmp_path)
+    assert status == 0, screen[-2000:]
+    lines = screen.replace("\r\n", "\n").split("\n")
+    # the progress line is redrawn in place (carriage return, erase line), never a line per update
+    assert "\r\033[K" in screen and len(lines) < 10, lines
+    windows = len(RunStore(str(root)).read_window_log("long"))
+    assert f"windows 0/~{windows}" in screen  # the total from the start, by the audio's duration
+    assert re.search(rf"long window \d/{windows}: (sampling step \d/4|decoding|encoding)", screen), screen[-3000:]
+    assert "pid=" not in screen and "Token authentication" not in screen  # neither the actors' output nor Ray's
+    log = next((root / "logs").glob("*.log")).read_text()  # the run's log has the actors' output
+    assert "(Renderer pid=" in log and "pipeline.render: job long: window 1/" in log and "(Encoder pid=" in log
+    assert [p.stem for p in (root / "logs").glob("*.log")] == [p.stem for p in (root / "configs").glob("*.yaml")]
 
 
 def test_a_renderer_whose_jobs_keep_failing_is_replaced(ray_cluster, manifest, tmp_path, caplog):

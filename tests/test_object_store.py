@@ -206,7 +206,9 @@ def test_the_store_down_for_a_while_mid_run_costs_nothing(s3, bucket_manifest, t
     time.sleep(15)
     s3.start()
     finished(driver, log)
-    assert "trying again in" in log.read_text()  # the outage was seen, and waited out
+    # the outage was seen, and waited out: the actors' warnings are on the console and in the run's log
+    run_log = fsspec.filesystem("s3").cat_file(next(iter(fsspec.filesystem("s3").glob(f"{root}/logs/*.log")))).decode()
+    assert "trying again in" in log.read_text() and "trying again in" in run_log
     rows = {r["id"]: r for r in store.read_results()}
     assert all(r["status"] == "done" for r in rows.values()), rows
     fs = fsspec.filesystem("s3")
