@@ -86,7 +86,7 @@ def action(store: RunStore, earlier: dict | None, row: ManifestRow, now: dict, r
     """A row whose inputs, own fields or settings differ from what its stored windows and output were made
     from renders again from nothing (AGAIN + why); else it is skipped when it is done or failed for good,
     resumed where windows are stored, rendered otherwise."""
-    if earlier is None or (earlier["status"] == "failed" and earlier.get("retryable") is None):
+    if earlier is None or refused_by_checks(earlier):
         return "render"  # new, or refused by the manifest's checks last time: nothing was rendered
     before = json.loads(earlier["fingerprint"]) if earlier.get("fingerprint") else None
     if before != now:
@@ -98,3 +98,8 @@ def action(store: RunStore, earlier: dict | None, row: ManifestRow, now: dict, r
         return FAILED_FOR_GOOD
     state = store.load_state(row.job.id)
     return f"resume at window {state.next_window + 1}" if state and state.next_window else "render"
+
+
+def refused_by_checks(result: dict) -> bool:
+    """A results row of a row the manifest's checks refused (it never reached a worker)."""
+    return result["status"] == "failed" and result.get("retryable") is None

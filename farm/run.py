@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from farm.actors import ActorSpec
 from farm.config import ConfigError, TinyModel, checkpoint_paths, model_spec
 from farm.dryrun import dry_run
-from farm.plan import AGAIN, DONE, FAILED_FOR_GOOD, RunPlan, expected_windows, plan_run
+from farm.plan import AGAIN, DONE, FAILED_FOR_GOOD, RunPlan, expected_windows, plan_run, refused_by_checks
 from farm.progress import Progress
 from farm.runlog import run_log, take_actor_output
 from farm.scheduler import Resources, RunStopped, Scheduler
@@ -59,6 +59,8 @@ def _render(cfg, plan: RunPlan, progress: Progress) -> int:
             log.info("%s: %s: rendering it again", row.job.id, actions[row.job.id].removeprefix(AGAIN))
             store.clear_job(row.job.id)  # the old output stays published until the new one replaces it
             del results[row.job.id]
+        elif row.job.id in results and refused_by_checks(results[row.job.id]):
+            del results[row.job.id]  # it passes the checks now: pending, no longer the old reason
         results.setdefault(row.job.id, {"id": row.job.id, "status": "pending"})["fingerprint"] = stamps[row.job.id]
 
     # The keys of this run's rows in results, in manifest order (an earlier run's other rows may be there

@@ -10,7 +10,9 @@
   window is given its next job then: it starts on the device as soon as that window is off it, while
   the renderer still encodes and stores the window (farm.actors.DeviceTurns), so the GPU does not
   wait on x264 at a job's end.
-- Rendering is a streaming generator: one event per window, which drives the progress display.
+- Rendering is a streaming generator: one event per window, which drives the progress display. On a
+  terminal the display also asks each busy renderer what its device does (`doing`: window, stage, step),
+  once a second, without waiting for the answer.
 - A renderer that dies (ray.kill, OOM, lost node) is replaced; its job goes back to the queue and
   resumes from its last stored window on whichever renderer is free. Each job has a retry budget, spent
   only on failures a retry can get past (a lost actor, I/O, out of memory: farm/errors.py); any other
