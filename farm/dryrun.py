@@ -31,7 +31,7 @@ RATES = {
     ("fast", "fp8", "int8fp8"): Rate(4.00, 1.51, "one H200, bench_farm through the CLI, 2026-12-03"),
     ("24gb", "fp8", "int8fp8"): Rate(4.00, 1.60, "one H200, bench_farm through the CLI (half a run), 2026-12-04"),
     ("fast", "none", "sdpa"): Rate(5.37, 3.83, "one H100, bench_window, 2026-11-22"),
-    ("fast", "fp8", "sdpa"): Rate(4.55, 3.41, "one H100, bench_window, 2026-11-22"),
+    ("fast", "fp8", "sdpa"): Rate(4.55, 3.38, "one H100, bench_window, 2026-11-22"),
     ("24gb", "none", "sdpa"): Rate(5.46, 3.37, "one H100, bench_window, 2026-11-22"),
     ("24gb", "fp8", "sdpa"): Rate(4.60, 3.40, "one H100, bench_window, 2026-11-22"),
     ("12gb", "fp8_weights", "sdpa"): Rate(5.41, 8.46, "one H100, bench_window, 2026-11-22"),

@@ -225,15 +225,15 @@ class Scheduler:
     # ------------------------------------------------------------------------------------------ the loop
 
     def run(self, rows: list[tuple[ManifestRow, RenderSettings]], earlier: dict[str, dict],
-            expected: dict[str, int | None]) -> None:
+            expected: dict[str, int | None] | None = None) -> None:
         """Render `rows`; `earlier` holds the results rows of earlier runs by id, whose attempts and
         seconds a resumed row adds to its own; `expected`, each row's windows as far as the manifest tells
-        (None: not known before its encode), for the progress line's total."""
+        (None, or a row missing: not known before its encode), for the progress line's total."""
         for row, settings in rows:
             before = earlier.get(row.job.id, {})
             self.to_encode.append(Task(row, settings, earlier_attempts=before.get("attempts") or 0,
                                        earlier_seconds=before.get("seconds") or 0.0))
-        self.progress.start(expected)
+        self.progress.start({row.job.id: (expected or {}).get(row.job.id) for row, _ in rows})
         while self.to_encode or self.encoding or self.ready or self.rendering or self.followers or self.finishing:
             self._dispatch()
             if self.progress.live:
