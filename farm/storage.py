@@ -4,7 +4,8 @@ memory://, file://) - the same code for all of them.
     <root>/config.yaml                              the resolved config of the latest run ...
     <root>/configs/<UTC start time>.yaml            ... and of every run, kept
     <root>/logs/<UTC start time>.log                every run's log (farm.runlog)
-    <root>/results.parquet                          one row per job (RESULTS_SCHEMA), rewritten whole
+    <root>/results.parquet                          one row per job (RESULTS_SCHEMA), compacted now and then ...
+    <root>/results/<job_id>.parquet                 ... from each row's own file, written as the row ends
     <root>/jobs/<job_id>/state.json                 resume state after the job's last finished window ...
     <root>/jobs/<job_id>/state-00004-<token>.safetensors   ... and its motion latents (named in state.json)
     <root>/jobs/<job_id>/segment-00003.mp4          each window's kept frames
@@ -183,29 +184,38 @@ class RunStore:
     @_retried
     def write_results(self, rows: list[dict]) -> None:
         """Replace the results table with `rows` (dicts keyed by RESULTS_SCHEMA's columns; a missing
-        column is null)."""
+        column is null), and remove the rows' own files (put_result), which it now holds. One writer
+        (the driver) writes both, so no row file can appear between the table and the removal."""
         ids = set()
         for row in rows:
-            unknown = row.keys() - set(RESULTS_SCHEMA.names)
-            if unknown:  # a misspelt column would otherwise be dropped without a word
-                raise ValueError(f"results row {row.get('id')!r}: unknown columns {sorted(unknown)}")
-            for column in REQUIRED_COLUMNS:
-                if row.get(column) is None:
-                    raise ValueError(f"results row {row}: {column!r} is required")
+            _check_result(row)
             if row["id"] in ids:
                 raise ValueError(f"results: job id {row['id']!r} appears twice")
             ids.add(row["id"])
-        sink = pa.BufferOutputStream()
-        pq.write_table(pa.Table.from_pylist(rows, schema=RESULTS_SCHEMA), sink)
-        self._write(self._path("results.parquet"), sink.getvalue().to_pybytes())
+        self._write(self._path("results.parquet"), _parquet(rows))
+        for name in self._list(self._path("results")):
+            if name.endswith(".parquet"):
+                self.fs.rm(self._path("results", name))
+
+    @_retried
+    def put_result(self, row: dict) -> None:
+        """One row's results as a file of its own: the cost of a finished row, whatever the table's size.
+        read_results reads them over the table until write_results compacts them into it."""
+        _check_result(row)
+        self._write(self._path("results", f"{_component('job id', row['id'])}.parquet"), _parquet([row]))
 
     @_retried
     def read_results(self) -> list[dict]:
-        """The results table as dicts (None for nulls); empty before the first write."""
+        """The results table as dicts (None for nulls), each row replaced by its own file where it has a
+        newer one (a row not in the table yet comes after it); empty before the first write."""
         data = self._read(self._path("results.parquet"))
-        if data is None:
-            return []
-        return pq.read_table(pa.BufferReader(data)).to_pylist()
+        rows = {} if data is None else {r["id"]: r for r in pq.read_table(pa.BufferReader(data)).to_pylist()}
+        directory = self._path("results")
+        paths = [f"{directory}/{name}" for name in self._list(directory) if name.endswith(".parquet")]
+        for blob in (self.fs.cat(paths).values() if paths else ()):
+            row = pq.read_table(pa.BufferReader(blob)).to_pylist()[0]
+            rows[row["id"]] = row
+        return list(rows.values())
 
     @_retried
     def publish_output(self, local_path: str | Path, name: str) -> str:
@@ -373,6 +383,21 @@ class RunStore:
             return [posixpath.basename(p) for p in self.fs.ls(directory, detail=False)]
         except FileNotFoundError:
             return []
+
+
+def _check_result(row: dict) -> None:
+    unknown = row.keys() - set(RESULTS_SCHEMA.names)
+    if unknown:  # a misspelt column would otherwise be dropped without a word
+        raise ValueError(f"results row {row.get('id')!r}: unknown columns {sorted(unknown)}")
+    for column in REQUIRED_COLUMNS:
+        if row.get(column) is None:
+            raise ValueError(f"results row {row}: {column!r} is required")
+
+
+def _parquet(rows: list[dict]) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(rows, schema=RESULTS_SCHEMA), sink)
+    return sink.getvalue().to_pybytes()
 
 
 def _component(what: str, name: str) -> str:

@@ -20,6 +20,7 @@ import ray
 import yaml
 from hydra import compose, initialize_config_module
 
+import farm.run
 from farm.actors import SCRATCH_PREFIX, ActorSpec, DeviceTurns, renderer_scratch
 from farm.config import ConfigError
 from farm.progress import Progress
@@ -224,6 +225,34 @@ def test_a_killed_renderer_hands_its_job_on_without_losing_windows(ray_cluster, 
         assert row["status"] == "done", row
         original = next(r for r in undisturbed.read_results() if r["id"] == row["id"])
         assert Path(row["output"]).read_bytes() == Path(original["output"]).read_bytes(), row["id"]
+
+
+def test_a_finished_row_writes_only_its_own_results_file_and_the_table_is_compacted_at_the_end(
+    ray_cluster, manifest, tmp_path, monkeypatch
+):
+    """Per finished row one small file (RunStore.put_result), not the whole table again: with compaction
+    held off, a run of 3 rows writes results.parquet twice (its start and its end), and after the run it
+    holds every row and no row file is left."""
+    monkeypatch.setattr(farm.run, "COMPACT_EVERY_S", 10**9)
+    writes = {"table": 0, "rows": []}
+    write_results, put_result = RunStore.write_results, RunStore.put_result
+
+    def counted_table(self, rows):
+        writes["table"] += 1
+        return write_results(self, rows)
+
+    def counted_row(self, row):
+        writes["rows"].append(row["id"])
+        return put_result(self, row)
+
+    monkeypatch.setattr(RunStore, "write_results", counted_table)
+    monkeypatch.setattr(RunStore, "put_result", counted_row)
+    three = manifest.parent / "three.jsonl"
+    three.write_text("".join(json.dumps({"id": job, "image": "face.png", "audio": f"{job}.wav"}) + "\n" for job in "abd"))
+    store = RunStore(str(tmp_path / "run"))
+    assert run(config(f"manifest={three}", f"storage.root={store.url}")) == 0
+    assert writes["table"] == 2 and sorted(writes["rows"]) == ["a", "b", "d"]
+    assert [r["status"] for r in store.read_results()] == ["done"] * 3 and not list((tmp_path / "run" / "results").iterdir())
 
 
 def test_malformed_rows_get_reasons_and_the_rest_finish(ray_cluster, manifest, tmp_path, capsys):

@@ -212,6 +212,24 @@ def test_results_round_trip_with_nulls(store):
     assert files(store) == ["results.parquet"]
 
 
+def test_a_finished_row_writes_its_own_file_which_reads_over_the_table_until_compacted(store):
+    """The cost of a finished row is one small file, whatever the table's size: results.parquet is not
+    touched until write_results compacts the rows' files into it (and removes them)."""
+    store.write_results([{"id": f"row-{i}", "status": "pending"} for i in range(1000)])
+    table = store.fs.cat_file(f"{store.root}/results.parquet")
+    store.put_result({"id": "row-7", "status": "done", "output": "outputs/row-7.mp4", "attempts": 1})
+    store.put_result({"id": "late", "status": "failed", "error": "audio: no such file"})
+    assert store.fs.cat_file(f"{store.root}/results.parquet") == table  # the table as it was
+    assert len(store.fs.cat_file(f"{store.root}/results/row-7.parquet")) < 8000  # one row, whatever the table
+    read = store.read_results()
+    assert [r["id"] for r in read[:3]] == ["row-0", "row-1", "row-2"] and read[-1]["id"] == "late"  # order kept
+    assert {r["id"]: r["status"] for r in read}["row-7"] == "done" and len(read) == 1001
+    store.write_results(read)
+    assert store.read_results() == read and files(store, "results") == []  # compacted: the row files gone
+    with pytest.raises(ValueError, match="unknown columns"):
+        store.put_result({"id": "x", "status": "done", "secnds": 1.0})
+
+
 @pytest.mark.parametrize(
     "rows, message",
     [
