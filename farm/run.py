@@ -79,12 +79,13 @@ def _render(cfg, plan: RunPlan, progress: Progress) -> int:
         log.error("%s: %s", key, error.reason)
     ours = [key for _, key in sorted(keyed)]
 
-    compacted = [time.monotonic()]  # when results.parquet was last written whole
+    compacted_at = time.monotonic()  # when results.parquet was last written whole
 
     def save() -> None:
+        nonlocal compacted_at
         mine = set(ours)
         store.write_results([results[key] for key in ours] + [r for key, r in results.items() if key not in mine])
-        compacted[0] = time.monotonic()
+        compacted_at = time.monotonic()
 
     finished = [row for row in rows if actions[row.job.id] == DONE]
     failed_for_good = [row for row in rows if actions[row.job.id] == FAILED_FOR_GOOD]
@@ -100,7 +101,7 @@ def _render(cfg, plan: RunPlan, progress: Progress) -> int:
         """A row ended: its own small file at once, the whole table every COMPACT_EVERY_S."""
         results[row["id"]] = {**row, "fingerprint": stamps[row["id"]]}
         store.put_result(results[row["id"]])
-        if time.monotonic() - compacted[0] >= COMPACT_EVERY_S:
+        if time.monotonic() - compacted_at >= COMPACT_EVERY_S:
             save()
 
     if todo:
