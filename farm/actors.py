@@ -201,9 +201,8 @@ class Renderer:
             state = stored or ResumeState()
             workdir = self.scratch / job.id  # removed after the job, however it ends
             started = None  # the first window's time runs from when the job took the device
-            windows = len(plan_for(inputs.num_frames, settings))
 
-            def on_stage(window, stage: str, count: int) -> None:
+            def on_stage(window, windows: int, stage: str, count: int) -> None:
                 self.activity = Activity(job.id, window.index + 1, windows, stage, count, settings.steps)
 
             try:

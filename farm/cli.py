@@ -108,7 +108,11 @@ def _shown(value) -> str:
 
     if isinstance(value, (DictConfig, ListConfig)):
         return str(OmegaConf.to_container(value))
-    return "null" if value is None else str(value).lower() if isinstance(value, bool) else repr(value) if value == "" else str(value)
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return "''" if value == "" else str(value)
 
 
 def _one_line(exc: CompactHydraException) -> str:

@@ -97,10 +97,10 @@ def action(store: RunStore, earlier: dict | None, row: ManifestRow, now: dict, r
     if earlier["status"] == "failed" and earlier.get("retryable") is False and not retry_failed:
         return FAILED_FOR_GOOD
     try:
-        state = store.load_state(row.job.id)
+        stored = store.next_window(row.job.id)
     except Exception as error:  # noqa: BLE001 - its renderer meets the same error and fails the row with it
         return f"render (its stored state cannot be read: {type(error).__name__})"
-    return f"resume at window {state.next_window + 1}" if state and state.next_window else "render"
+    return f"resume at window {stored + 1}" if stored else "render"
 
 
 def refused_by_checks(result: dict) -> bool:

@@ -408,8 +408,7 @@ class Scheduler:
         store = RunStore(self.run_root)
         rows = []
         for task, attempt_running in [(t, True) for t in running] + [(t, False) for t in waiting if t.started]:
-            state = store.load_state(task.id)
-            rows.append(self._row(task, "interrupted", attempt_running, next_window=state.next_window if state else 0))
+            rows.append(self._row(task, "interrupted", attempt_running, next_window=store.next_window(task.id)))
         return rows
 
     def _row(self, task: Task, status: str, attempt_running: bool, **fields) -> dict:

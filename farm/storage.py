@@ -264,16 +264,24 @@ class RunStore:
     def load_state(self, job_id: str) -> ResumeState | None:
         """The job's resume point, or None if it has none (never started, or cleared). Its segments
         are names in the job's directory: fetch_segments turns them into local files."""
-        job = self._job_dir(job_id)
-        data = self._read(f"{job}/state.json")
-        if data is None:
+        record = self._state_record(job_id)
+        if record is None:
             return None
-        record = json.loads(data)
         latents = None
         if record["motion_latents"] is not None:
-            tensors = safetensors.torch.load(self.fs.cat_file(f"{job}/{record['motion_latents']}"))
+            tensors = safetensors.torch.load(self.fs.cat_file(f"{self._job_dir(job_id)}/{record['motion_latents']}"))
             latents = tensors["motion_latents"]
         return ResumeState(record["next_window"], latents, record["segments"])
+
+    @_retried
+    def next_window(self, job_id: str) -> int:
+        """The window the job resumes at (0: none stored), from state.json alone: no latents fetched."""
+        record = self._state_record(job_id)
+        return 0 if record is None else record["next_window"]
+
+    def _state_record(self, job_id: str) -> dict | None:
+        data = self._read(f"{self._job_dir(job_id)}/state.json")
+        return None if data is None else json.loads(data)
 
     @_retried
     def clear_job(self, job_id: str) -> None:

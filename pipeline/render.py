@@ -234,7 +234,7 @@ def render_windows(
     state: ResumeState | None = None,
     keep_frames: bool = False,
     device_lock: AbstractContextManager = nullcontext(),
-    on_stage: Callable[[Window, str, int], None] | None = None,
+    on_stage: Callable[[Window, int, str, int], None] | None = None,
 ) -> Iterator[WindowReport]:
     """Render the job's windows from `state.next_window` on, yielding a report after each; each
     window's kept frames become a segment file in `workdir`. keep_frames: the report carries all the
@@ -248,8 +248,9 @@ def render_windows(
     the last segment is encoded: a renderer that takes its next job early passes a lock it shares with
     that job, so the next job's first window runs while this job's last segment is encoded.
 
-    on_stage(window, stage, count) is called, on the device's thread, as each of a window's timed stages
-    begins (pipeline.timing.StageClock: "dit" is sampling step `count`), for a live display."""
+    on_stage(window, windows, stage, count) is called, on the device's thread, as each of a window's timed
+    stages begins (pipeline.timing.StageClock: "dit" is sampling step `count`; `windows`, the job's
+    windows), for a live display."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     device = _holding(device_lock, _device_windows(models, job, inputs, settings, workdir, state, keep_frames, on_stage))
@@ -273,7 +274,7 @@ def _device_windows(models, job, inputs, settings, workdir, state, keep_frames, 
     colour_reference = inputs.references[0]
     motion = state.motion_latents
     for window in plan[state.next_window :]:
-        clock = StageClock(renderer.device, partial(on_stage, window) if on_stage else None)
+        clock = StageClock(renderer.device, partial(on_stage, window, len(plan)) if on_stage else None)
         if motion is None:
             # The first window opens on the reference frame itself: its latent is the first latent
             # frame of the conditioning (the VAE is causal), which the renderer encodes here.

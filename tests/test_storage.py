@@ -51,11 +51,11 @@ class Crash(BaseException):
 
 
 def test_state_round_trip(store):
-    assert store.load_state("job-a") is None
+    assert store.load_state("job-a") is None and store.next_window("job-a") == 0
 
     store.save_state("job-a", state(2, 2, seed=0), names(2))
     loaded = store.load_state("job-a")
-    assert loaded.next_window == 2
+    assert loaded.next_window == 2 == store.next_window("job-a")  # the latter from state.json alone
     assert loaded.segments == names(2)
     assert loaded.motion_latents.dtype == torch.bfloat16
     assert torch.equal(loaded.motion_latents, state(2, 2, seed=0).motion_latents)
