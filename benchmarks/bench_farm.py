@@ -98,8 +98,10 @@ def window_lengths(overrides: list[str]) -> tuple[int, int]:
 
 def write_inputs(folder: Path, seconds: tuple[int, ...]) -> tuple[Path, dict[str, int]]:
     """Speech files of `seconds` (the demo speech looped, 16 kHz 16-bit WAV) and a manifest of one job each:
-    (the manifest, each job's video frames)."""
+    (the manifest, each job's video frames). The picture is copied beside them: a manifest's media are
+    read only from its folder unless inputs.allow names another."""
     folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(DEMO / "astronaut.png", folder / "astronaut.png")
     speech = read_audio(DEMO / "speech.wav", SAMPLE_RATE)
     prompt = json.loads((DEMO / "manifest.jsonl").read_text().splitlines()[0])["prompt"]
     rows, frames = [], {}
@@ -111,7 +113,7 @@ def write_inputs(folder: Path, seconds: tuple[int, ...]) -> tuple[Path, dict[str
             out.setframerate(SAMPLE_RATE)
             samples = np.resize(speech, length * SAMPLE_RATE)  # repeats the array cyclically
             out.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
-        rows.append({"id": job, "image": str(DEMO / "astronaut.png"), "audio": f"{job}.wav", "prompt": prompt,
+        rows.append({"id": job, "image": "astronaut.png", "audio": f"{job}.wav", "prompt": prompt,
                      "seed": 1000 + i})
         frames[job] = frames_for_duration(length)
     manifest = folder / "manifest.jsonl"

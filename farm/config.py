@@ -213,6 +213,15 @@ class JobConfig:
 
 
 @dataclass
+class InputsConfig:
+    """Where a manifest's media may be read from (farm/inputs.py); the command line's job.* paths may be anywhere."""
+
+    # Besides the manifest's folder and the run's object store: local folders or URL prefixes
+    # (s3://bucket/media/, https://cdn.example.com/clips/); a manifest's other paths are refused
+    allow: list[str]
+
+
+@dataclass
 class OutputConfig:
     size: str  # a bucket name of pipeline.media.BUCKETS or WIDTHxHEIGHT
     color_match: str  # how each window's colours are matched to the reference: a method of pipeline.color.METHODS
@@ -226,6 +235,7 @@ class Config:
 
     manifest: str | None  # a batch: path or fsspec URL; or else job.audio
     job: JobConfig
+    inputs: InputsConfig
     output: OutputConfig
     model: ModelConfig  # a TinyModel or an InfiniteTalk14B, by the model= choice
     quant: QuantConfig
@@ -309,6 +319,11 @@ def validate(cfg: DictConfig) -> None:
     for key, url in (("manifest", cfg.manifest), ("storage.root", cfg.storage.root)):
         if url and (problem := missing_backend(url)):
             raise ConfigError(f"{key}={url}: {problem}")
+    from farm.inputs import check_location
+
+    for location in cfg.inputs.allow:
+        if problem := check_location(location):
+            raise ConfigError(f"inputs.allow: {problem}")
 
     cluster = cfg.cluster
     _one_of("cluster.mode", cluster.mode, CLUSTER_MODES)

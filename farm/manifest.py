@@ -23,7 +23,8 @@ Rules, the same in every format:
   rows that leave it empty, e.g. in a CSV where only some rows use it, still run.
 - Media paths are fsspec URLs (used as given; file:// ones become plain paths), absolute local paths, or
   relative to the manifest's folder, also when the manifest is at a URL (s3://b/jobs/m.csv + face.png
-  -> s3://b/jobs/face.png).
+  -> s3://b/jobs/face.png). A manifest's paths must lie in the manifest's folder, the run's object store
+  or a location of inputs.allow (farm/inputs.py); the rest are refused before anything reads them.
 - Local media are probed with ffmpeg (pipeline.media.probe): audio must have an audio stream at least
   one wav2vec2 window long, an image or video a picture at least MIN_SIDE pixels on each side, boxes must
   lie inside it. Remote media are only checked to exist: probing them would mean downloading every input
@@ -42,6 +43,7 @@ import math
 import os
 import posixpath
 import re
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
@@ -52,6 +54,7 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from farm.inputs import InputLocations, input_locations, is_url, local_form
 from pipeline import media
 from pipeline.job import MIN_AUDIO_SAMPLES, SAMPLE_RATE, Box, Job, JobError, RenderSettings, SettingError
 
@@ -79,20 +82,23 @@ class RowError:
     reason: str  # one line: every problem in the row, each naming its column
 
 
-def read_manifest(location: str, base: RenderSettings) -> tuple[list[ManifestRow], list[RowError]]:
+def read_manifest(location: str, base: RenderSettings, *, allow: Sequence[str] = (),
+                  storage_root: str = "") -> tuple[list[ManifestRow], list[RowError]]:
     """The jobs of a manifest and the rows that cannot run. `base` is the run's settings: the overrides are
-    checked in combination with them (scheduler=flowmatch_distill needs steps=4, from the row or the run)."""
-    return _check_rows(_read_records(location), _directory(location), base)
+    checked in combination with them (scheduler=flowmatch_distill needs steps=4, from the row or the run).
+    Media may be read from the manifest's folder, the object store of `storage_root` and `allow`."""
+    base_dir = _directory(location)
+    return _check_rows(_read_records(location), base_dir, base, input_locations(base_dir, storage_root, list(allow)))
 
 
 def single_job(fields: dict, base_dir: str, base: RenderSettings) -> tuple[list[ManifestRow], list[RowError]]:
     """One job given as manifest columns (e.g. on the command line), relative paths against `base_dir`:
-    checked exactly as a one-row manifest. Without an id it is named after its audio file's stem, as
-    farm.config.run_root names its run."""
+    checked exactly as a one-row manifest, except that its paths may be anywhere: the operator typed them.
+    Without an id it is named after its audio file's stem, as farm.config.run_root names its run."""
     audio = fields.get("audio") or fields.get("audio_1")
     if _empty(fields.get("id")) and isinstance(audio, str):
         fields = {**fields, "id": PurePosixPath(urlsplit(audio).path).stem}
-    return _check_rows([fields], base_dir, base)
+    return _check_rows([fields], base_dir, base, None)
 
 
 def settings_for(row: ManifestRow, base: RenderSettings) -> RenderSettings:
@@ -179,31 +185,20 @@ def _table_records(table: pa.Table, location: str) -> list[dict]:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _is_url(path: str) -> bool:
-    return fsspec.core.split_protocol(path)[0] is not None
-
-
-def _local(path: str) -> str:
-    """file:// and local:// URLs as plain paths, which ffmpeg and the pipeline read; anything else as given."""
-    if fsspec.core.split_protocol(path)[0] in ("file", "local"):
-        return fsspec.core.url_to_fs(path)[1]
-    return path
-
-
 def _directory(location: str) -> str:
-    location = _local(location)
-    if _is_url(location):
+    location = local_form(location)
+    if is_url(location):
         protocol, rest = location.split("://", 1)
         return f"{protocol}://{posixpath.dirname(rest)}"
     return os.path.dirname(os.path.abspath(location))
 
 
 def _resolve(path: str, base_dir: str) -> str:
-    if _is_url(path):
-        return _local(path)
+    if is_url(path):
+        return local_form(path)
     if os.path.isabs(path):
         return os.path.normpath(path)
-    if _is_url(base_dir):
+    if is_url(base_dir):
         protocol, root = base_dir.split("://", 1)
         return f"{protocol}://{posixpath.normpath(posixpath.join(root, path))}"
     return os.path.normpath(os.path.join(base_dir, path))
@@ -355,9 +350,10 @@ class _Draft:
             return None
 
 
-def _check_rows(records: list[dict], base_dir: str, base: RenderSettings) -> tuple[list[ManifestRow],
-                                                                                    list[RowError]]:
-    drafts = [_parse(row, record, base_dir, base) for row, record in enumerate(records, 1)]
+def _check_rows(records: list[dict], base_dir: str, base: RenderSettings,
+                locations: InputLocations | None) -> tuple[list[ManifestRow], list[RowError]]:
+    """`locations`: where media may be read from; None: anywhere."""
+    drafts = [_parse(row, record, base_dir, base, locations) for row, record in enumerate(records, 1)]
     _mark_duplicates(drafts)
     _check_media(drafts)
     rows = [ManifestRow(d.row, d.job, d.output, d.overrides, d.speech_seconds) for d in drafts if not d.reasons]
@@ -365,7 +361,7 @@ def _check_rows(records: list[dict], base_dir: str, base: RenderSettings) -> tup
     return rows, errors
 
 
-def _parse(row: int, record: dict, base_dir: str, base: RenderSettings) -> _Draft:
+def _parse(row: int, record: dict, base_dir: str, base: RenderSettings, locations: InputLocations | None) -> _Draft:
     values = {column: value for column, value in record.items() if not _empty(value)}
     draft = _Draft(row)
     draft.id = draft.take(values, "id", _job_id)
@@ -380,7 +376,11 @@ def _parse(row: int, record: dict, base_dir: str, base: RenderSettings) -> _Draf
         draft.reasons.append(problem)
     for column in sources + speakers:
         if (path := draft.take(values, column, _text)) is not None:
-            draft.media[column] = _resolve(path, base_dir)
+            path = _resolve(path, base_dir)
+            if locations is not None and (problem := locations.problem(path)):
+                draft.reasons.append(f"{column} {path}: {problem}")  # refused before anything reads or fetches it
+            else:
+                draft.media[column] = path
     job_fields = {name: value for name, convert in (("prompt", _text), ("negative_prompt", _text),
                                                     ("seed", _integer), ("audio_type", _text), ("boxes", _boxes))
                   if (value := draft.take(values, name, convert)) is not None}
@@ -477,7 +477,7 @@ def _check_boxes(draft: _Draft, source: media.MediaInfo | None) -> None:
 def _inspect(path: str) -> tuple[media.MediaInfo | None, str | None]:
     """(info, None) for a local file ffmpeg reads; (None, None) for a remote file that exists;
     (None, problem) otherwise."""
-    if not _is_url(path):
+    if not is_url(path):
         try:
             return media.probe(path), None
         except media.MediaError as e:

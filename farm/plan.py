@@ -38,7 +38,7 @@ def plan_run(cfg: DictConfig) -> RunPlan:
     settings = render_settings(cfg)
     if cfg.manifest:
         try:
-            rows, errors = read_manifest(cfg.manifest, settings)
+            rows, errors = read_manifest(cfg.manifest, settings, allow=cfg.inputs.allow, storage_root=run_root(cfg))
         except ManifestError as exc:  # a config value that cannot run: the CLI reports it in one line
             raise ConfigError(f"manifest: {exc}") from None
     else:

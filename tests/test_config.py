@@ -422,6 +422,15 @@ def test_cli_stops_an_unreadable_manifest_in_one_line(tmp_path):
     assert list(tmp_path.iterdir()) == [manifest]  # no run root (runs/broken) for a run that cannot start
 
 
+def test_inputs_allow_names_folders_or_url_prefixes():
+    assert config_error("manifest=m.jsonl", "inputs.allow=[/data,'']") == (
+        "inputs.allow: an empty location would allow nothing; give a folder or a URL prefix")
+    assert config_error("manifest=m.jsonl", "inputs.allow=[s3:///media]") == (
+        "inputs.allow: 's3:///media' has no host or bucket: write scheme://host/path")
+    with pytest.raises(ConfigCompositionException, match="inputs.allow=/data"):  # a list, not text
+        compose_config("manifest=m.jsonl", "inputs.allow=/data")
+
+
 def test_a_dry_run_prints_the_plan_without_ray_or_a_model_and_writes_nothing(tmp_path):
     """The demo manifest plus a row whose audio is missing: each row with its windows and seconds and what a
     run would do, the totals, and the GPU time at the rate recorded for the presets (one 117-frame window
@@ -433,7 +442,8 @@ def test_a_dry_run_prints_the_plan_without_ray_or_a_model_and_writes_nothing(tmp
     manifest.write_text(demo + '{"id": "lost", "image": "%s/jobs/demo/astronaut.png", "audio": "nope.wav"}\n' % REPO)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     done = subprocess.run([sys.executable, "-c", CLI, f"manifest={manifest}", "dry_run=true", "memory=fast", "quant=fp8",
-                           "attention=int8fp8", "sampler=distill", "output.size=832x480", "cluster=address"],
+                           "attention=int8fp8", "sampler=distill", "output.size=832x480", "cluster=address",
+                           f"inputs.allow=[{REPO}/jobs/demo]"],  # the demo's files are outside the manifest's folder
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.splitlines()

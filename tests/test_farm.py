@@ -153,7 +153,7 @@ def test_rows_are_skipped_by_what_they_were_rendered_from_not_by_id(ray_cluster,
 
     reused = write(elsewhere / "manifest.jsonl", {"same": {"image": str(folder / "face.png"), "seed": 1,
                                                            "audio": speech(elsewhere / "same.wav", 1.3, 220)}})
-    after_reuse, results = render(reused)
+    after_reuse, results = render(reused, f"inputs.allow=[{folder}]")  # its picture is in the other folder
     assert rendered_again(first, after_reuse) == {"same"} and "same: its audio changed since it was rendered" in caplog.text
     assert results["same"]["frames"] == frames_for_duration(1.3) and results["same"]["attempts"] == 1
 

@@ -1,9 +1,12 @@
 """farm.manifest: reading JSONL/CSV/Parquet manifests and checking every row, on small media made here."""
 
 import csv
+import functools
+import http.server
 import json
 import os
 import subprocess
+import threading
 import uuid
 from pathlib import Path
 
@@ -124,7 +127,7 @@ def test_relative_absolute_and_url_paths(inputs):
     sub = inputs / "batch"
     sub.mkdir(exist_ok=True)
     record = {"id": "a", "image": "../face.png", "audio": str(inputs / "speech.wav")}
-    rows, errors = read_manifest(write_jsonl(sub / "m.jsonl", [record]), BASE)
+    rows, errors = read_manifest(write_jsonl(sub / "m.jsonl", [record]), BASE, allow=[str(inputs)])
     assert errors == []
     assert rows[0].job.image == str(inputs / "face.png") and rows[0].job.audio == (str(inputs / "speech.wav"),)
 
@@ -145,13 +148,92 @@ def test_manifest_at_a_url_resolves_against_its_folder(inputs):
                {"id": "gone", "image": "face.png", "audio": "speech.wav"}]
     fs.pipe(f"{root}/jobs/m.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode())
     try:
-        rows, errors = read_manifest(f"{root}/jobs/m.jsonl", BASE)
+        rows, errors = read_manifest(f"{root}/jobs/m.jsonl", BASE, allow=[f"{root}/media", str(inputs)])
     finally:
         fs.rm(root, recursive=True)
     assert [r.job.id for r in rows] == ["a", "mixed"]
     assert rows[0].job.image == f"{root}/media/face.png" and rows[0].job.audio == (f"{root}/jobs/speech.wav",)
     assert rows[1].job.image == str(inputs / "face.png")
     assert reasons(errors) == {"gone": f"image {root}/jobs/face.png: no such file"}
+
+
+class _Recorder(http.server.SimpleHTTPRequestHandler):
+    """Serves a folder and records the paths asked for."""
+
+    asked: list[str] = []
+
+    def log_message(self, *args) -> None:
+        type(self).asked.append(self.path)
+
+
+@pytest.fixture
+def web(inputs):
+    """An HTTP server on 127.0.0.1 serving `inputs`; yields (its URL, the paths it was asked for)."""
+    handler = type("Handler", (_Recorder,), {"asked": []})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(inputs)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", handler.asked
+    server.shutdown()
+    server.server_close()
+
+
+def test_inputs_outside_the_allowed_locations_are_refused_before_anything_reads_them(inputs, tmp_path, web):
+    """A manifest may name media in its own folder; a path elsewhere (absolute, through .., through a link,
+    a URL) is refused in one line naming the column and the path, before anything reads or fetches it,
+    until inputs.allow names its location."""
+    url, asked = web
+    batch, elsewhere = tmp_path / "batch", tmp_path / "elsewhere"
+    batch.mkdir()
+    elsewhere.mkdir()
+    for name in ("face.png", "speech.wav"):
+        (batch / name).write_bytes((inputs / name).read_bytes())
+        (elsewhere / name).write_bytes((inputs / name).read_bytes())
+    os.symlink(elsewhere / "face.png", batch / "link.png")
+    records = [{"id": "ok", "image": "face.png", "audio": "speech.wav"},
+               {"id": "absolute", "image": "face.png", "audio": str(elsewhere / "speech.wav")},
+               {"id": "up", "image": "../elsewhere/face.png", "audio": "speech.wav"},
+               {"id": "link", "image": "link.png", "audio": "speech.wav"},
+               {"id": "web", "image": f"{url}/face.png", "audio": "speech.wav"}]
+    manifest = write_jsonl(batch / "m.jsonl", records)
+    rows, errors = read_manifest(manifest, BASE)
+    assert [r.job.id for r in rows] == ["ok"]
+    tail = "add its folder or URL prefix to inputs.allow to read it"
+    where = f"outside the locations inputs may be read from (the manifest's folder {batch})"
+    assert reasons(errors) == {
+        "absolute": f"audio {elsewhere / 'speech.wav'}: {where}; {tail}",
+        "up": f"image {elsewhere / 'face.png'}: {where}; {tail}",
+        "link": f"image {batch / 'link.png'}: {where}; it is {elsewhere / 'face.png'} once its links are followed; {tail}",
+        "web": f"image {url}/face.png: {where}; {tail}",
+    }
+    assert asked == []  # the server was never asked
+
+    rows, errors = read_manifest(manifest, BASE, allow=[str(elsewhere), f"{url}/"])
+    assert errors == [] and [r.job.id for r in rows] == ["ok", "absolute", "up", "link", "web"]
+    assert asked  # the remote file was checked to exist
+    # The run's object store is allowed without naming it: a manifest there names media beside it.
+    rows, errors = read_manifest(manifest, BASE, allow=[str(elsewhere)], storage_root=f"{url}/runs/r1")
+    assert errors == [] and len(rows) == 5
+
+
+def test_a_file_that_would_make_ffmpeg_open_others_is_refused(inputs, tmp_path):
+    """An ffconcat list named speech.wav and an HLS playlist: plain ffmpeg reads the other file they name;
+    the manifest's probe refuses them, naming the column and the file."""
+    (tmp_path / "other.wav").write_bytes((inputs / "speech.wav").read_bytes())
+    (tmp_path / "face.png").write_bytes((inputs / "face.png").read_bytes())
+    (tmp_path / "speech.wav").write_text("ffconcat version 1.0\nfile other.wav\n")
+    (tmp_path / "speech.m3u8").write_text("#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1,\nother.wav\n#EXT-X-ENDLIST\n")
+    for name, opened in (("speech.wav", "Audio: pcm_s16le"), ("speech.m3u8", f"Opening 'file:{tmp_path / 'other.wav'}'")):
+        plain = subprocess.run([media.ffmpeg_binary(), "-hide_banner", "-nostdin", "-i", f"file:{tmp_path / name}"],
+                               capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        assert opened in plain.stderr  # ffmpeg alone opens other.wav through it
+    records = [{"id": name, "image": "face.png", "audio": name} for name in ("speech.wav", "speech.m3u8")]
+    rows, errors = read_manifest(write_jsonl(tmp_path / "m.jsonl", records), BASE)
+    assert rows == []
+    for error in errors:
+        assert error.reason == (f"audio {tmp_path / error.id}: ffmpeg finds a format outside the images, audio and "
+                                "video containers the farm reads (pipeline.media.process.INPUT_FORMATS): playlists "
+                                "and file lists, which make ffmpeg open other files, are refused")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -245,7 +327,7 @@ def test_audio_shorter_than_one_wav2vec2_window_is_refused(inputs, tmp_path):
     records = [{"id": "short", "image": str(face), "audio": "blip.wav"},
                {"id": "short-second", "image": str(face), "audio_1": str(speech), "audio_2": "blip.wav"},
                {"id": "one-window", "image": str(face), "audio": "window.wav"}]
-    rows, errors = read_manifest(write_jsonl(tmp_path / "short.jsonl", records), BASE)
+    rows, errors = read_manifest(write_jsonl(tmp_path / "short.jsonl", records), BASE, allow=[str(inputs)])
     assert [r.job.id for r in rows] == ["one-window"]
     too_short = "0.010 s of audio is shorter than wav2vec2's 400-sample window (25 ms at 16 kHz)"
     assert reasons(errors) == {"short": f"audio {blip}: {too_short}", "short-second": f"audio_2 {blip}: {too_short}"}
@@ -262,7 +344,7 @@ def test_a_picture_smaller_than_the_minimum_is_refused(inputs, tmp_path):
                {"id": "tiny", "video": "tiny.mp4", "audio": speech},
                {"id": "at-image", "image": str(inputs / "face.png"), "audio": speech},  # 64x64, the minimum
                {"id": "at-video", "video": str(inputs / "talk.mp4"), "audio": speech}]
-    rows, errors = read_manifest(write_jsonl(tmp_path / "small.jsonl", records), BASE)
+    rows, errors = read_manifest(write_jsonl(tmp_path / "small.jsonl", records), BASE, allow=[str(inputs)])
     assert [r.job.id for r in rows] == ["at-image", "at-video"]
     assert reasons(errors) == {
         "dot": f"image {tmp_path / 'dot.png'}: 4x4 is smaller than the minimum 64x64",

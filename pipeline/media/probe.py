@@ -11,8 +11,8 @@ from pathlib import Path
 
 import ffmpeg
 
-from pipeline.media.process import (MediaError, PathLike, _FFmpeg, _WavDecoder, _command, _file_url, _passthrough,
-                                    _require_file, _tidy, ffmpeg_binary)
+from pipeline.media.process import (MediaError, PathLike, _FFmpeg, _WavDecoder, _command, _input, _input_args,
+                                    _passthrough, _require_file, _tidy, ffmpeg_binary)
 from pipeline.job import FPS
 
 
@@ -89,11 +89,15 @@ _ROTATION = re.compile(r"display ?matrix: rotation of (-?[\d.]+) degrees", re.I)
 def _dump(path: PathLike) -> _Dump:
     """Run `ffmpeg -i` (no output: it exits 1 after printing the stream dump) and parse the first streams."""
     path = _require_file(path)
-    result = subprocess.run([ffmpeg_binary(), "-hide_banner", "-nostdin", "-i", _file_url(path)],
+    result = subprocess.run([ffmpeg_binary(), "-hide_banner", "-nostdin", *_input_args(path)],
                             capture_output=True, stdin=subprocess.DEVNULL)
     text = result.stderr.decode("utf-8", "replace")
     container = _INPUT_LINE.search(text)
     if container is None:
+        if "Format not on whitelist" in text:
+            raise MediaError(path, "ffmpeg finds a format outside the images, audio and video containers the farm "
+                                   "reads (pipeline.media.process.INPUT_FORMATS): playlists and file lists, which make "
+                                   "ffmpeg open other files, are refused")
         lines = [line for line in text.splitlines() if "output file must be specified" not in line]
         errors = [line.split("Error opening input:")[-1] for line in lines if "Error opening input:" in line]
         raise MediaError(path, f"ffmpeg cannot read it ({_tidy(errors[-1:] or lines[-1:])})")
@@ -167,7 +171,7 @@ def _progress_frames(path: PathLike, stream_spec, what: str) -> int:
 def _count_packets(path: Path) -> int:
     """The first video stream's packets (one per frame), one line each from the framecrc muxer. Not the
     null muxer's -progress count: ffmpeg before 7.1 reports no frames for a stream copy."""
-    spec = ffmpeg.output(ffmpeg.input(_file_url(path))["V:0"], "-", format="framecrc", c="copy")
+    spec = ffmpeg.output(_input(path)["V:0"], "-", format="framecrc", c="copy")
     proc = _FFmpeg(_command(spec, "-nostats"), path, stdout=True)
     report = proc.proc.stdout.read().decode("ascii", "replace")
     proc.finish("counting video frames")
@@ -182,6 +186,6 @@ def video_frame_count(path: PathLike, fps: float | None = FPS) -> int:
         raise MediaError(path, "no video stream")
     if fps is None:
         return _count_packets(path)
-    stream = ffmpeg.input(_file_url(path))["V:0"].filter("fps", fps=fps)
+    stream = _input(path)["V:0"].filter("fps", fps=fps)
     spec = ffmpeg.output(stream, "-", format="null", **_passthrough(ffmpeg_binary()))
     return _progress_frames(path, spec, "counting video frames")

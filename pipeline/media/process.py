@@ -49,6 +49,28 @@ def _file_url(path: PathLike) -> str:
     return "file:" + os.fspath(path)
 
 
+# The demuxers a media file is read with: still images, audio and video containers. Playlist and list
+# demuxers (hls, concat, dash, ...) are left out, and every input is read as a plain file with no other
+# protocol: a crafted file (a playlist named face.mp4) cannot make ffmpeg open other files or URLs.
+# Remote inputs are downloaded first (farm/localize.py), so no input needs another protocol.
+INPUT_FORMATS = (
+    "image2", "png_pipe", "jpeg_pipe", "webp_pipe", "bmp_pipe", "tiff_pipe", "gif", "yuv4mpegpipe",  # images
+    "wav", "w64", "mp3", "flac", "ogg", "aac", "aiff", "caf", "asf",  # audio (asf: wma)
+    "mov", "matroska", "avi", "mpegts", "mpeg", "flv",  # video (mov: also mp4 and m4a)
+)
+_INPUT_OPTIONS = {"protocol_whitelist": "file", "format_whitelist": ",".join(INPUT_FORMATS)}
+
+
+def _input(path: PathLike, **options):
+    """ffmpeg-python's input node for a media file: read only as itself (INPUT_FORMATS)."""
+    return ffmpeg.input(_file_url(path), **_INPUT_OPTIONS, **options)
+
+
+def _input_args(path: PathLike) -> list[str]:
+    """`_input` as ffmpeg arguments, for a command built by hand."""
+    return [arg for key, value in _INPUT_OPTIONS.items() for arg in (f"-{key}", value)] + ["-i", _file_url(path)]
+
+
 def _command(stream_spec, *global_args: str) -> list[str]:
     """Full argument list for an ffmpeg-python output node, our global options first."""
     return [ffmpeg_binary(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y", *global_args,
@@ -143,7 +165,7 @@ class _WavDecoder:
         options = {"acodec": codec, "map_metadata": -1, "fflags": "+bitexact"}
         if sample_rate is not None:
             options["ar"] = sample_rate
-        spec = ffmpeg.output(ffmpeg.input(_file_url(path))["a:0"], "pipe:", format="wav", **options)
+        spec = ffmpeg.output(_input(path)["a:0"], "pipe:", format="wav", **options)
         self.path = path
         self._proc = _FFmpeg(_command(spec), path, stdout=True)
 

@@ -11,7 +11,7 @@ import torch
 from PIL import Image, ImageOps
 
 from pipeline.media.probe import _dump, video_frame_count
-from pipeline.media.process import (MediaError, PathLike, _FFmpeg, _WavDecoder, _command, _file_url, _passthrough,
+from pipeline.media.process import (MediaError, PathLike, _FFmpeg, _WavDecoder, _command, _input, _passthrough,
                                     _require_file, ffmpeg_binary)
 from pipeline.media.sizes import fit_to
 from pipeline.job import FPS, SAMPLE_RATE
@@ -97,7 +97,7 @@ def iter_video_frames(path: PathLike, fps: float | None = FPS, size: tuple[int, 
     path = _require_file(path)
     if _dump(path).video is None:
         raise MediaError(path, "no video stream")
-    stream = ffmpeg.input(_file_url(path))["V:0"]
+    stream = _input(path)["V:0"]
     if fps is not None:
         stream = stream.filter("fps", fps=fps)
     if start > 0 or count is not None:
@@ -154,7 +154,7 @@ def _frames_at(path: Path, fps: float | None, size: tuple[int, int] | None, indi
         raise MediaError(path, "the video has no frames")
     clamped = [min(i, total - 1) for i in indices]
     wanted = sorted(set(clamped))
-    stream = ffmpeg.input(_file_url(path))["V:0"]
+    stream = _input(path)["V:0"]
     if fps is not None:
         stream = stream.filter("fps", fps=fps)
     stream = stream.trim(end_frame=wanted[-1] + 1).filter("select", "+".join(f"eq(n,{i})" for i in wanted))

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from pipeline.media.probe import _count_packets, _dump, probe
-from pipeline.media.process import MediaError, PathLike, _FFmpeg, _command, _file_url, _require_file
+from pipeline.media.process import MediaError, PathLike, _FFmpeg, _command, _file_url, _input, _require_file
 from pipeline.job import FPS
 from pipeline.windows import frames_for_duration
 
@@ -87,7 +87,7 @@ def _aac_track(audio_path: PathLike, audio_start: float, bitrate: str) -> tuple[
     left = audio.duration - audio_start
     if left <= 0:
         raise MediaError(audio_path, f"audio_start {audio_start} s is past the end ({audio.duration:.3f} s)")
-    source = ffmpeg.input(_file_url(audio_path), **({"ss": audio_start} if audio_start > 0 else {}))
+    source = _input(audio_path, **({"ss": audio_start} if audio_start > 0 else {}))
     options = {"acodec": "aac", "audio_bitrate": bitrate}
     if audio.sample_rate > 48_000:
         options["ar"] = 48_000
@@ -154,7 +154,7 @@ def combine_audio(paths: Sequence[PathLike], audio_type: str, output: PathLike) 
     for path in paths:
         if _dump(path).audio is None:
             raise MediaError(path, "no audio stream")
-    tracks = [ffmpeg.input(_file_url(path))["a:0"] for path in paths]
+    tracks = [_input(path)["a:0"] for path in paths]
     if audio_type == "para":
         mixed = ffmpeg.filter(tracks, "amix", inputs=len(tracks), duration="longest", normalize=0)
     else:
