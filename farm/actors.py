@@ -6,6 +6,7 @@ after job; everything a job produces is written through the RunStore as it is pr
 import logging
 import os
 import shutil
+import signal
 import socket
 import tempfile
 import threading
@@ -89,9 +90,18 @@ class CachedPrompts:
         return [self._cache[p] for p in prompts]
 
 
+def _end_on_sigterm() -> None:
+    """SIGTERM (a node shutting down, a pod evicted) ends this actor's process at once, as SIGKILL would, and
+    its job resumes elsewhere from its last stored window. Ray's own handler raises SystemExit in the main
+    thread, which waits in Ray's task loop while the actor's tasks run on other threads: the process would
+    go on until its task, a whole job, ended. Called in __init__, which Ray runs on the main thread."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 @ray.remote
 class Encoder:
     def __init__(self, spec: ActorSpec):
+        _end_on_sigterm()
         self.models = Loaded(lambda: _load_encoders(spec))
 
     @ray.method(num_returns=2)
@@ -161,6 +171,7 @@ class Renderer:
     members run the same window loop in lockstep (pipeline.parallel), rank 0 stores and reports."""
 
     def __init__(self, spec: ActorSpec, run_root: str, name: str, rank: int = 0, world: int = 1, rendezvous: str = ""):
+        _end_on_sigterm()
         self.name, self.rank, self.world = name, rank, world
         self.models = Loaded(lambda: _load_renderer(spec, rank, world, rendezvous))
         self.store = RunStore(run_root)

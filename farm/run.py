@@ -4,11 +4,15 @@ Re-running the same command skips rows whose output is finished and published, a
 at their last stored window, while each row's fingerprint (farm/fingerprint.py) is what they were made from.
 """
 
+import contextlib
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import ray
@@ -17,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from farm.actors import ActorSpec
 from farm.config import ConfigError, TinyModel, checkpoint_paths, model_spec
+from farm.driver_lease import hold_run_root
 from farm.dryrun import dry_run
 from farm.plan import AGAIN, DONE, FAILED_FOR_GOOD, RunPlan, expected_windows, plan_run, refused_by_checks
 from farm.progress import Progress
@@ -36,23 +41,59 @@ ENCODER_GPU_SHARE = 0.1
 COMPACT_EVERY_S = 30
 
 
+@contextlib.contextmanager
+def _sigterm_stops_the_run() -> Iterator[threading.Event]:
+    """SIGTERM (what `ray job stop`, Kubernetes and batch systems send before they kill) stops the run as
+    Ctrl-C does: every finished window is already stored, the interrupted rows are recorded and the actors
+    ended. The handler raises KeyboardInterrupt in the main thread and sets the Event it yields (Ray turns
+    any exception raised inside its calls into a plain KeyboardInterrupt, so the Event is what tells the two
+    apart); a second SIGTERM while the run stops is ignored, the sender's SIGKILL being the hard stop. The
+    handler before it comes back after. A run in another thread (a notebook, a test) keeps its process's
+    handler: only the main thread may set one."""
+    received = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        received.set()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run(cfg: DictConfig) -> int:
     """Render every row; returns the process exit code: 0 when every row is done or failed for a reason a
     retry cannot fix (a bad input, an error the same inputs repeat: the summary says how many), 1 when a
     row failed for a reason a retry might get past (retries used up) or the run stopped (a worker could
-    not load its models), 130 after Ctrl-C. A manifest that cannot be read, or a run root made with other
-    settings, raises ConfigError. dry_run=true: farm.dryrun's plan instead, and nothing is written."""
+    not load its models), 130 after Ctrl-C, 143 after SIGTERM. A manifest that cannot be read, a run root
+    made with other settings, or one that another live driver holds (farm/driver_lease.py) raises
+    ConfigError. dry_run=true: farm.dryrun's plan instead, and nothing is written."""
     if cfg.dry_run:
         return dry_run(cfg)
     plan = plan_run(cfg)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    resolved["storage"]["root"] = plan.store.url  # where the run went, also when it was left to run_root
-    stamp = plan.store.save_config(OmegaConf.to_yaml(resolved))
-    progress = Progress(verbose=cfg.verbose)
-    with run_log(plan.store, stamp, progress.handler()) as log_url:
-        code = _render(cfg, plan, progress)
-        log.info("the run's log: %s", log_url)
+    with hold_run_root(plan.store, on_lost=_stop_on_lost_lease()):  # before anything is written there
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        resolved["storage"]["root"] = plan.store.url  # where the run went, also when it was left to run_root
+        stamp = plan.store.save_config(OmegaConf.to_yaml(resolved))
+        progress = Progress(verbose=cfg.verbose)
+        with run_log(plan.store, stamp, progress.handler()) as log_url:
+            code = _render(cfg, plan, progress)
+            log.info("the run's log: %s", log_url)
     return code
+
+
+def _stop_on_lost_lease():
+    """What to do when another driver has taken this run root over: stop as on SIGTERM where the run has
+    the process's main thread; a run on another thread (a notebook, a test) has only the lease's log line."""
+    if threading.current_thread() is threading.main_thread():
+        return lambda: signal.raise_signal(signal.SIGTERM)
+    return lambda: None
 
 
 def _render(cfg, plan: RunPlan, progress: Progress) -> int:
@@ -117,25 +158,29 @@ def _render(cfg, plan: RunPlan, progress: Progress) -> int:
             if started_ray:
                 ray.shutdown()
             raise
-        try:
-            scheduler.start()
-            scheduler.run(todo, earlier=dict(results), expected={row.job.id: _count(expected_windows(row, s)) for row, s in todo})
-        except KeyboardInterrupt:
-            progress.close()
-            results |= {row["id"]: {**row, "fingerprint": stamps[row["id"]]} for row in scheduler.interrupted()}
-            save()
-            log.warning("interrupted: every finished window is stored; run the same command again to resume")
-            return 130
-        except RunStopped as stopped:
-            progress.close()
-            save()
-            log.error("run stopped: %s; every finished window is stored", stopped)
-            return 1
-        finally:
-            progress.close()
-            scheduler.stop()
-            if started_ray:
-                ray.shutdown()
+        # Ray's init set its own SIGTERM handler (sys.exit), so ours comes after it.
+        with _sigterm_stops_the_run() as sigterm:
+            try:
+                scheduler.start()
+                scheduler.run(todo, earlier=dict(results), expected={row.job.id: _count(expected_windows(row, s)) for row, s in todo})
+            except KeyboardInterrupt:
+                progress.close()
+                results |= {row["id"]: {**row, "fingerprint": stamps[row["id"]]} for row in scheduler.interrupted()}
+                save()
+                terminated = sigterm.is_set()
+                log.warning("%s: every finished window is stored; run the same command again to resume",
+                            "stopped by SIGTERM" if terminated else "interrupted")
+                return 143 if terminated else 130
+            except RunStopped as stopped:
+                progress.close()
+                save()
+                log.error("run stopped: %s; every finished window is stored", stopped)
+                return 1
+            finally:
+                progress.close()
+                scheduler.stop()
+                if started_ray:
+                    ray.shutdown()
 
         save()
     rows_now = [results[key] for key in ours]

@@ -1,6 +1,7 @@
 """A run's durable state, through fsspec: a local path by default, or any fsspec URL (s3://, gs://,
 memory://, file://) - the same code for all of them.
 
+    <root>/driver.json                              the lease of the driver running now (farm/driver_lease.py)
     <root>/config.yaml                              the resolved config of the latest run ...
     <root>/configs/<UTC start time>.yaml            ... and of every run, kept
     <root>/logs/<UTC start time>.log                every run's log (farm.runlog)
@@ -154,6 +155,25 @@ class RunStore:
         """The config.yaml an earlier run wrote, or None."""
         data = self._read(self._path("config.yaml"))
         return None if data is None else data.decode()
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, LocalFileSystem)
+
+    @_retried
+    def read_driver_lease(self) -> dict | None:
+        """The lease the driver of this run root holds (farm/driver_lease.py), or None."""
+        data = self._read(self._path("driver.json"))
+        return None if data is None else json.loads(data)
+
+    @_retried
+    def write_driver_lease(self, lease: dict) -> None:
+        self._write(self._path("driver.json"), json.dumps(lease).encode())
+
+    @_retried
+    def remove_driver_lease(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm(self._path("driver.json"))
 
     @_retried
     def save_config(self, text: str) -> str:

@@ -43,6 +43,8 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from farm.stop import STOP_WAIT_S
+
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
 DOCS = ROOT / "docs" / "kubernetes.md"
@@ -561,12 +563,28 @@ def _check_disk(obj: Obj) -> Iterator[str]:
         for name, path in caches.items():
             if not home or not (path + "/").startswith(home.rstrip("/") + "/"):
                 yield f"{where}: {name} ({path}) must be under HOME ({home}), in the volume sized for the compile caches"
+        if where.endswith("headGroupSpec"):
+            yield from _check_driver_stop(where, pod, ray, env)
         if autoscaler is not None and where.endswith("headGroupSpec"):
             session = _mount_at(ray, "/tmp/ray")
             mounts = {m["mountPath"].rstrip("/"): m["name"] for m in autoscaler.get("volumeMounts", [])}
             if session is None or mounts.get("/tmp/ray") != session["name"] or "/tmp" not in mounts:
                 yield (f"{prefix}.autoscalerOptions must mount the head's /tmp and /tmp/ray volumes (its logs go to "
                        "Ray's session folder; without it KubeRay adds a volume of its own, with no size limit)")
+
+
+def _check_driver_stop(where: str, pod: Obj, ray: Obj, env: dict) -> Iterator[str]:
+    """The talkfarm driver runs on the head: `ray job stop` and a deleted pod must give it farm.stop.STOP_WAIT_S
+    to record its interrupted rows and end its actors (SIGTERM: farm.run._sigterm_stops_the_run) before they kill it."""
+    wait = env.get("RAY_JOB_STOP_WAIT_TIME_S")
+    if wait is None or not wait.isdigit() or int(wait) < STOP_WAIT_S:
+        yield (f"{where}: RAY_JOB_STOP_WAIT_TIME_S ({wait}) must be at least {STOP_WAIT_S} (farm.stop.STOP_WAIT_S): "
+               "`ray job stop` kills the driver after it")
+    if ray.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command") != ["python", "-m", "farm.stop"]:
+        yield f"{where}: the Ray container's preStop hook must be `python -m farm.stop`, which stops the driver"
+    if pod.get("terminationGracePeriodSeconds", 30) <= STOP_WAIT_S:
+        yield (f"{where}: terminationGracePeriodSeconds ({pod.get('terminationGracePeriodSeconds', 30)}) must be more "
+               f"than farm.stop.STOP_WAIT_S ({STOP_WAIT_S}): the preStop hook waits that long for the driver")
 
 
 def _mount_at(container: Obj, path: str) -> Obj | None:
@@ -1328,6 +1346,23 @@ def _inductor_cache_in_tmp(obj):
     env[:] = [e for e in env if e["name"] != "TORCHINDUCTOR_CACHE_DIR"]
 
 
+def _head_pod(obj):
+    return cluster_spec(obj)["headGroupSpec"]["template"]["spec"]
+
+
+def _ray_job_stop_after_3_s(obj):
+    env = _head_pod(obj)["containers"][0]["env"]
+    env[:] = [e for e in env if e["name"] != "RAY_JOB_STOP_WAIT_TIME_S"]
+
+
+def _no_pre_stop_hook(obj):
+    del _head_pod(obj)["containers"][0]["lifecycle"]
+
+
+def _default_grace_period(obj):
+    del _head_pod(obj)["terminationGracePeriodSeconds"]
+
+
 def _autoscaler_without_the_session_folder(obj):
     del cluster_spec(obj)["autoscalerOptions"]["volumeMounts"]
 
@@ -1394,6 +1429,11 @@ def _submitter_without_ephemeral_storage(obj):
         ("RayCluster", _inductor_cache_in_tmp, "TORCHINDUCTOR_CACHE_DIR (/tmp/torchinductor_ray) must be under HOME"),
         ("RayCluster", _autoscaler_without_the_session_folder, "autoscalerOptions must mount the head's /tmp and /tmp/ray"),
         ("RayJob", _autoscaler_without_the_session_folder, "autoscalerOptions must mount the head's /tmp and /tmp/ray"),
+        # the driver's stop (SIGTERM)
+        ("RayCluster", _ray_job_stop_after_3_s, "RAY_JOB_STOP_WAIT_TIME_S (None) must be at least 60"),
+        ("RayJob", _ray_job_stop_after_3_s, "RAY_JOB_STOP_WAIT_TIME_S (None) must be at least 60"),
+        ("RayJob", _no_pre_stop_hook, "preStop hook must be `python -m farm.stop`"),
+        ("RayCluster", _default_grace_period, "terminationGracePeriodSeconds (30) must be more than"),
         # disk sizes
         ("RayCluster", _unbounded_scratch, "emptyDir tmp has no sizeLimit"),
         ("RayCluster", _no_ephemeral_storage, "ephemeral-storage request and limit must be set"),

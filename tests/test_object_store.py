@@ -175,6 +175,14 @@ def test_a_killed_driver_resumes_from_the_windows_stored_on_s3(bucket_manifest, 
     while not store.read_window_log("long") and time.time() < deadline and driver.poll() is None:
         time.sleep(0.2)
     assert store.read_window_log("long"), log.read_text()[-4000:]
+    # one driver per run root: a second on it now is refused in one line naming the first, writing nothing
+    configs = fsspec.filesystem("s3").ls(f"{root}/configs", refresh=True)
+    second = talkfarm(bucket_manifest, root, "cluster.renderers=1", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = second.communicate(timeout=300)
+    assert second.returncode == 1 and out == "", (out, err)
+    assert err.startswith(f"talkfarm: storage.root: {root} is in use by the talkfarm driver on {socket.gethostname()} "
+                          f"(pid {driver.pid}, started ") and err.count("\n") == 1, err
+    assert fsspec.filesystem("s3").ls(f"{root}/configs", refresh=True) == configs
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started, with no chance to clean up
     driver.wait(timeout=60)
     killed = time.time()
@@ -184,6 +192,9 @@ def test_a_killed_driver_resumes_from_the_windows_stored_on_s3(bucket_manifest, 
     resumed = tmp_path / "resumed.log"
     finished(talkfarm(bucket_manifest, root, "cluster.renderers=1", stdout=resumed.open("w"), stderr=subprocess.STDOUT),
              resumed)
+    # the killed driver's lease (this machine, its process gone) was taken over at once, and freed at the end
+    assert f"taking over the run root from the talkfarm driver on {socket.gethostname()} (pid {driver.pid}" in resumed.read_text()
+    assert store.read_driver_lease() is None
     rows = {r["id"]: r for r in store.read_results()}
     assert all(r["status"] == "done" for r in rows.values()), rows
     log = store.read_window_log("long")
