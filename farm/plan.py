@@ -35,15 +35,15 @@ class RunPlan:
 def plan_run(cfg: DictConfig) -> RunPlan:
     """The plan of the run `cfg` describes. Raises ConfigError for a manifest that cannot be read (before the
     run root is made: nothing is left behind) and for a run root whose rows other settings made."""
-    settings = render_settings(cfg)
+    settings, root = render_settings(cfg), run_root(cfg)
     if cfg.manifest:
         try:
-            rows, errors = read_manifest(cfg.manifest, settings, allow=cfg.inputs.allow, storage_root=run_root(cfg))
+            rows, errors = read_manifest(cfg.manifest, settings, allow=cfg.inputs.allow, storage_root=root)
         except ManifestError as exc:  # a config value that cannot run: the CLI reports it in one line
             raise ConfigError(f"manifest: {exc}") from None
     else:
         rows, errors = single_job(OmegaConf.to_container(cfg.job), os.getcwd(), settings)
-    store = RunStore(run_root(cfg))
+    store = RunStore(root)
     results = {r["id"]: r for r in store.read_results()}
     made_with = output_settings(cfg)
     prints = fingerprints(rows, digest(made_with))

@@ -191,7 +191,7 @@ class RunStore:
     def local_log(self, stamp: str) -> Path | None:
         """The log's own file on a local root (its folder made), to append to as the run goes; None on
         an object store, where it is put whole (put_log)."""
-        if not isinstance(self.fs, LocalFileSystem):
+        if not self.is_local:
             return None
         path = Path(self.log_path(stamp))
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -364,7 +364,7 @@ class RunStore:
 
     def _location(self, path: str) -> str:
         """A path for a local root, a URL otherwise."""
-        return path if isinstance(self.fs, LocalFileSystem) else self.fs.unstrip_protocol(path)
+        return path if self.is_local else self.fs.unstrip_protocol(path)
 
     def _path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
@@ -385,7 +385,7 @@ class RunStore:
         self._into_place(path, lambda temporary: self.fs.put_file(str(local_path), temporary))
 
     def _into_place(self, path: str, write) -> None:
-        if isinstance(self.fs, LocalFileSystem):  # object stores have no directories to create
+        if self.is_local:  # object stores have no directories to create
             self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
         temporary = self._temporary(path)
         try:
